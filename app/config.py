@@ -1,0 +1,80 @@
+"""The one settings object. Every knob comes from the environment with the prefix ``SQUEEZE_``.
+
+With nothing set, Squeeze runs embedded: a SQLite file, a filesystem Celery broker and the
+artifact folder, all under ``./var``. Production sets, for example::
+
+    SQUEEZE_DATABASE_URL=postgresql+psycopg://squeeze:secret@db:5432/squeeze
+    SQUEEZE_BROKER_URL=redis://redis:6379/0
+    SQUEEZE_STORAGE_ROOT=/mnt/artifacts
+
+>>> from app.config import get_settings
+>>> get_settings().api_prefix
+'/v1'
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SQUEEZE_", extra="ignore")
+
+    # Where the embedded default keeps everything; the other paths default to folders in it.
+    var_dir: Path = Path("var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<var_dir>/squeeze.db"
+    )
+    broker_url: str = Field(
+        default="filesystem://",
+        description="Celery broker; filesystem:// is the embedded broker under <var_dir>/broker",
+    )
+    queue_name: str = "squeeze-jobs"
+    storage_root: Path | None = Field(
+        default=None, description="artifact folder (shared between API and workers)"
+    )
+
+    api_prefix: str = "/v1"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Upload limits. Checked while streaming, so a client cannot fill the disk past them.
+    max_upload_bytes: int = 20 * GiB
+    max_dataset_bytes: int = 2 * GiB
+    max_archive_members: int = 64
+    max_compression_ratio: float = 200.0
+    max_safetensors_header_bytes: int = 64 * MiB
+    max_model_parameters: int = 200_000_000_000
+
+    # Worker behaviour for long jobs.
+    worker_concurrency: int = 1
+    job_time_limit_s: int = 6 * 3600
+    job_soft_time_limit_s: int = 6 * 3600 - 60
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    progress_interval_s: float = 0.5
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'squeeze.db').resolve()}"
+
+    @property
+    def resolved_storage_root(self) -> Path:
+        return (self.storage_root or self.var_dir / "storage").resolve()
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.var_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,91 @@
+"""Every query the services run, in one place."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import Base, Job, JobStatus
+
+Row = TypeVar("Row", bound=Base)
+
+
+def get(session: Session, model: type[Row], object_id: str) -> Row | None:
+    return session.get(model, object_id)
+
+
+def page(
+    session: Session, model: type[Row], *, limit: int, after: str | None = None, **filters
+) -> tuple[list[Row], bool]:
+    """Newest first, keyset-paginated on (created_at, id): stable while rows are added."""
+    query = select(model)
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(getattr(model, column) == value)
+    if after is not None:
+        anchor = session.get(model, after)
+        if anchor is None:
+            return [], False
+        query = query.where(
+            or_(
+                model.created_at < anchor.created_at,
+                and_(model.created_at == anchor.created_at, model.id < anchor.id),
+            )
+        )
+    query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit
+
+
+def jobs_using_model(session: Session, model_id: str) -> int:
+    return len(session.scalars(select(Job.id).where(Job.model_id == model_id)).all())
+
+
+def active_jobs(session: Session) -> list[Job]:
+    return list(
+        session.scalars(
+            select(Job).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        )
+    )
+
+
+def unsent_jobs(session: Session) -> list[Job]:
+    """Queued jobs whose broker message was never sent (the broker was down at submit time)."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
+        )
+    )
+
+
+def claim_job(session: Session, job_id: str, now) -> bool:
+    """Move a queued job to running in one statement; False when another delivery won or the
+    job was cancelled meanwhile. This is what makes a duplicated message harmless."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+        .values(status=JobStatus.RUNNING.value, started_at=now, attempts=Job.attempts + 1)
+    )
+    return result.rowcount == 1
+
+
+def cancel_if_queued(session: Session, job_id: str, now) -> bool:
+    """Cancel in one statement, so a worker claiming the job at the same moment cannot be
+    overwritten by a stale read: exactly one of the two updates matches."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(cancel_requested=True)
+    )
+    return result.rowcount == 1

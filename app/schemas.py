@@ -1,0 +1,95 @@
+"""What the API answers with. Request bodies are in ``app/specs.py`` (the job spec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class FileOut(BaseModel):
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["model"] = "model"
+    name: str
+    architecture: str = Field(description="e.g. GPT2LMHeadModel")
+    model_type: str = Field(description="e.g. gpt2")
+    num_parameters: int
+    size_bytes: int = Field(description="all stored files")
+    sha256: str = Field(description="sha256 of the manifest `<file sha256>  <name>` lines, sorted")
+    files: list[FileOut]
+    has_tokenizer: bool
+    context_length: int | None
+    dtype: str
+    created_at: datetime
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    format: Literal["text", "jsonl"]
+    num_records: int = Field(description="1 for a text file; lines for JSONL")
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class ArtifactOut(BaseModel):
+    format: str = Field(description="dense | compressed-tensors")
+    size_bytes: int
+    sha256: str
+    url: str
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str | None = Field(description="what is running now, e.g. prune.magnitude")
+    stage_index: int | None
+    progress: float = Field(ge=0, le=1)
+    cancel_requested: bool
+    attempts: int
+    spec: dict[str, Any]
+    error: JobError | None
+    metrics: dict[str, Any] | None = Field(
+        description="before/after size, parameters, sparsity, bits per weight, perplexity, "
+        "latency, and wall time per stage; see the README"
+    )
+    artifact: ArtifactOut | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list, newest first. Pass the last id as ``after`` to get the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: Literal[True] = True

@@ -1,0 +1,84 @@
+"""Job decisions: accept a spec, enqueue it after commit, cancel, re-send what was never sent.
+
+The row is committed before the broker hears of it, and the message carries only the id: a
+worker that gets a message for a job that is no longer queued simply drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from app.db import repositories
+from app.db.models import Job, JobStatus, Model, new_id, utcnow
+from app.errors import APIError, Conflict, NotFound
+from app.services.datasets import get_dataset
+from app.specs import JobSpec
+
+log = logging.getLogger("squeeze.jobs")
+
+
+def create_job(session: Session, spec: JobSpec) -> Job:
+    model = repositories.get(session, Model, spec.model_id)
+    if model is None:
+        raise NotFound(f"no model {spec.model_id!r}", param="model_id")
+    for section in ("calibration", "evaluation"):
+        chosen = getattr(spec, section)
+        if chosen is not None:
+            get_dataset(session, chosen.dataset_id, param=f"{section}.dataset_id")
+            if not model.has_tokenizer:
+                raise APIError(
+                    f"model {model.id!r} was uploaded without tokenizer files, so text cannot be "
+                    f"tokenized for {section}; upload it again with tokenizer.json",
+                    param=f"{section}.dataset_id",
+                )
+    job = Job(
+        id=new_id("job"), model_id=model.id, spec=spec.model_dump(mode="json"),
+        status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
+    )
+    session.add(job)
+    session.commit()
+    enqueue(session, job)
+    return job
+
+
+def enqueue(session: Session, job: Job) -> bool:
+    """Send the job's id to the broker. If the broker is down the job stays queued with no
+    ``enqueued_at`` and ``resend_unsent`` delivers it later: the job is never lost."""
+    from worker.celery_app import send_run_job  # the API imports Celery only, never torch
+
+    try:
+        send_run_job(job.id)
+    except Exception as exc:  # kombu raises many types; every one means "not sent"
+        log.warning("broker unavailable, job %s stays queued for re-send: %s", job.id, exc)
+        return False
+    job.enqueued_at = utcnow()
+    session.commit()
+    return True
+
+
+def resend_unsent(session: Session) -> int:
+    """Deliver queued jobs whose message was never sent. Safe to run at any time."""
+    return sum(enqueue(session, job) for job in repositories.unsent_jobs(session))
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = repositories.get(session, Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return job
+
+
+def cancel_job(session: Session, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one when the engine next checks (between
+    layers and steps); a finished one cannot be cancelled."""
+    job = get_job(session, job_id)
+    if repositories.cancel_if_queued(session, job_id, utcnow()) or repositories.request_cancel(
+        session, job_id
+    ):
+        session.commit()
+        session.refresh(job)
+        return job
+    session.refresh(job)
+    raise Conflict(f"job {job_id!r} is already {job.status}", param="job_id")

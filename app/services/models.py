@@ -1,0 +1,78 @@
+"""Uploaded checkpoints: accept only what passes validation, store it atomically, never
+leave half of an upload behind."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from app.checkpoints import CheckpointError, UploadLimits, inspect_checkpoint, stage_upload
+from app.config import get_settings
+from app.db import repositories
+from app.db.models import Model, new_id
+from app.errors import APIError, Conflict, NotFound
+from app.storage import LocalStore
+
+
+def create_model(
+    session: Session, store: LocalStore, files: list[tuple[str, BinaryIO]], name: str | None
+) -> Model:
+    """Validate the uploaded files (or one archive) and record the model.
+
+    The files are streamed into a private staging folder, inspected there without running or
+    unpickling anything, and only then renamed into ``models/<id>``.
+    """
+    if not files:
+        raise APIError("upload at least config.json and one .safetensors file", param="files")
+    limits = UploadLimits.from_settings(get_settings())
+    staging = store.staging_dir()
+    final = None
+    try:
+        stage_upload(files, staging, limits)
+        info = inspect_checkpoint(staging, limits)
+        model = Model(
+            id=new_id("mdl"),
+            name=(name or info.architecture)[:200],
+            architecture=info.architecture,
+            model_type=info.model_type,
+            num_parameters=info.num_parameters,
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+            files=info.files,
+            has_tokenizer=info.has_tokenizer,
+            context_length=info.context_length,
+            dtype=info.dtype,
+        )
+        final = store.commit_dir(staging, "models", model.id)
+        session.add(model)
+        session.commit()
+        return model
+    except CheckpointError as exc:
+        raise APIError(exc.message, param=exc.param, status_code=exc.status_code) from exc
+    except BaseException:
+        session.rollback()
+        if final is not None:
+            store.discard(final)
+        raise
+    finally:
+        store.discard(staging)
+
+
+def get_model(session: Session, model_id: str) -> Model:
+    model = repositories.get(session, Model, model_id)
+    if model is None:
+        raise NotFound(f"no model {model_id!r}", param="model_id")
+    return model
+
+
+def delete_model(session: Session, store: LocalStore, model_id: str) -> None:
+    model = get_model(session, model_id)
+    if repositories.jobs_using_model(session, model_id):
+        raise Conflict(
+            f"model {model_id!r} has jobs; delete is refused so their records stay complete",
+            param="model_id",
+        )
+    session.delete(model)
+    session.commit()
+    store.delete("models", model_id)

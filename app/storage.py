@@ -1,0 +1,73 @@
+"""Where files live: uploaded checkpoints, datasets and job artifacts.
+
+The interface is small so that a shared-filesystem folder (embedded default, NFS/EFS volume in
+production) and an object store can sit behind it. Everything is written to a temporary name
+first and renamed into place, so a reader never sees half a file or half a folder.
+
+>>> store = LocalStore(Path("/tmp/squeeze-doc"))
+>>> staging = store.staging_dir()          # write an upload here ...
+>>> final = store.commit_dir(staging, "models", "mdl_123")   # ... then publish it atomically
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from app.config import get_settings
+
+CHUNK = 1024 * 1024
+
+
+class LocalStore:
+    """Artifacts in a local (or network-mounted) folder shared by the API and the workers."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        for sub in ("models", "datasets", "artifacts", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    # Temporary space on the same filesystem as the final paths, so rename is atomic.
+    def staging_dir(self) -> Path:
+        path = self.root / "tmp" / f"staging-{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    def path(self, kind: str, object_id: str) -> Path:
+        if kind not in ("models", "datasets", "artifacts") or "/" in object_id or ".." in object_id:
+            raise ValueError(f"bad storage key {kind}/{object_id}")
+        return self.root / kind / object_id
+
+    def commit_dir(self, staging: Path, kind: str, object_id: str) -> Path:
+        """Publish a fully written staging folder under its final name in one rename."""
+        final = self.path(kind, object_id)
+        os.replace(staging, final)
+        return final
+
+    def delete(self, kind: str, object_id: str) -> None:
+        # Rename out of sight first so a concurrent reader sees all or nothing.
+        target = self.path(kind, object_id)
+        if not target.exists():
+            return
+        trash = self.root / "tmp" / f"deleted-{uuid.uuid4().hex}"
+        os.replace(target, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def get_store() -> LocalStore:
+    return LocalStore(get_settings().resolved_storage_root)

@@ -1,0 +1,48 @@
+"""The job spec: one definition, strict, with errors that name the field."""
+
+import pydantic
+import pytest
+
+from app.specs import JobSpec, PruneMagnitude, QuantizeRTN, parse_stages, stage_name
+
+
+def _spec(*stages, **extra):
+    return {"model_id": "mdl_x", "stages": list(stages), **extra}
+
+
+def test_stages_parse_into_their_config_models():
+    spec = JobSpec.model_validate(_spec({"type": "prune", "method": "magnitude", "sparsity": 0.5},
+                                        {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 128}))
+    assert isinstance(spec.stages[0], PruneMagnitude) and spec.stages[0].scope == "layer"
+    assert isinstance(spec.stages[1], QuantizeRTN) and spec.stages[1].group_size == 128
+    assert [stage_name(s) for s in spec.stages] == ["prune.magnitude", "quantize.rtn"]
+    # What the worker reads back from the database is the same.
+    assert parse_stages(spec.model_dump(mode="json")["stages"]) == spec.stages
+
+
+@pytest.mark.parametrize("stage, loc, error_type", [
+    ({"type": "prune", "method": "magnitude", "sparsity": 1.5}, ("stages", 0, "prune.magnitude", "sparsity"), "less_than"),
+    ({"type": "prune", "method": "magnitude", "sparsity": 1.0}, ("stages", 0, "prune.magnitude", "sparsity"), "less_than"),
+    ({"type": "prune", "method": "magnitude", "sparsity": 0}, ("stages", 0, "prune.magnitude", "sparsity"), "greater_than"),
+    ({"type": "prune", "method": "alchemy", "sparsity": 0.5}, ("stages", 0), "unknown_stage"),
+    ({"type": "quantize", "method": "rtn", "bits": 3}, ("stages", 0, "quantize.rtn", "bits"), "literal_error"),
+    ({"type": "quantize", "method": "rtn", "bitz": 8}, ("stages", 0, "quantize.rtn", "bitz"), "extra_forbidden"),
+])
+def test_bad_stages_are_rejected_with_their_location(stage, loc, error_type):
+    with pytest.raises(pydantic.ValidationError) as info:
+        JobSpec.model_validate(_spec(stage))
+    error = info.value.errors()[0]
+    assert error["loc"] == loc and error["type"] == error_type
+
+
+@pytest.mark.parametrize("extra", [
+    {"stages": []},
+    {"calibration": {"dataset_id": "ds", "samples": 10**9}},
+    {"evaluation": {"dataset_id": "ds", "seq_len": 64, "stride": 128}},
+    {"output": {"format": "gguf"}},
+])
+def test_absurd_job_values_are_rejected(extra):
+    body = _spec({"type": "quantize", "method": "rtn"})
+    body.update(extra)
+    with pytest.raises(pydantic.ValidationError):
+        JobSpec.model_validate(body)

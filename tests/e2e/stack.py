@@ -1,0 +1,136 @@
+"""Start Squeeze as real processes for end-to-end tests: the API under uvicorn and a Celery
+worker (prefork, not eager), against PostgreSQL + Redis or the embedded default.
+
+>>> with ServiceStack.postgres_redis(tmp) as stack:
+...     httpx.get(stack.url + "/healthz")
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN_URL = os.environ.get("SQUEEZE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_HOST_URL = PG_ADMIN_URL.rsplit("/", 1)[0]
+REDIS_URL = os.environ.get("SQUEEZE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceStack:
+    def __init__(self, workdir: Path, env: dict[str, str], embedded_launcher: bool = False):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    "SQUEEZE_PORT": str(self.port), **env}
+        self.embedded_launcher = embedded_launcher
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
+        self._dropdb: str | None = None
+
+    # -- constructors ---------------------------------------------------------------------
+
+    @classmethod
+    def postgres_redis(cls, workdir: Path) -> "ServiceStack":
+        import psycopg
+
+        database = f"squeeze_test_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
+        stack = cls(workdir, {
+            "SQUEEZE_DATABASE_URL": f"{PG_HOST_URL.replace('postgresql://', 'postgresql+psycopg://')}/{database}",
+            "SQUEEZE_BROKER_URL": REDIS_URL,
+            "SQUEEZE_QUEUE_NAME": f"squeeze-test-{secrets.token_hex(4)}",
+            "SQUEEZE_STORAGE_ROOT": str(workdir / "artifacts"),
+            "SQUEEZE_VAR_DIR": str(workdir / "var"),
+        })
+        stack._dropdb = database
+        return stack
+
+    @classmethod
+    def embedded(cls, workdir: Path) -> "ServiceStack":
+        """Nothing configured but the folder: SQLite, filesystem broker, local artifacts,
+        started by the same launcher as ``make run``."""
+        return cls(workdir, {"SQUEEZE_VAR_DIR": str(workdir / "var")}, embedded_launcher=True)
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes.append((name, proc))
+        return proc
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                                  "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
+                                  "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
+                                  "--hostname", f"{name}-{secrets.token_hex(3)}@%h"])
+
+    def start(self) -> "ServiceStack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.embedded_launcher:
+            self._spawn("serve", [sys.executable, "-m", "app.serve"])
+        else:
+            subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT,
+                           env=self.env, check=True, capture_output=True)
+            self.start_worker()
+            self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
+                                "--host", "127.0.0.1", "--port", str(self.port)])
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.processes:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited early:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"API did not become healthy:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-6000:]}" for path in sorted(self.workdir.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in self.processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._dropdb:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self._dropdb}" WITH (FORCE)')
+
+    def __enter__(self) -> "ServiceStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,135 @@
+"""Bad input through HTTP: a clear 4xx naming the field at fault, and nothing stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import httpx
+import pytest
+import torch
+
+from tests.e2e.client import upload_dataset, upload_model
+from tests.factories import checkpoint_files, make_checkpoint
+
+
+def _stored(stack) -> tuple[int, set[str], set[str]]:
+    models = httpx.get(f"{stack.url}/v1/models", params={"limit": 100}).json()["data"]
+    return len(models), _names(stack.storage_root / "models"), _names(stack.storage_root / "tmp")
+
+
+def _names(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def _post_files(stack, files):
+    return httpx.post(f"{stack.url}/v1/models", files=files, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory):
+    return checkpoint_files(make_checkpoint(tmp_path_factory.mktemp("good")))
+
+
+def _assert_refused(stack, response, status, *words, param="files"):
+    before = getattr(stack, "_before", None)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"].lower(), error["message"]
+    if before is not None:
+        assert _stored(stack) == before
+
+
+@pytest.fixture
+def snapshot(stack):
+    stack._before = _stored(stack)
+    yield stack
+    stack._before = None
+
+
+def test_pickle_bin_checkpoint_is_refused(snapshot, good_files):
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(2)}, buffer)
+    files = [("files", (n, d)) for n, d in good_files if not n.endswith(".safetensors")]
+    files.append(("files", ("pytorch_model.bin", buffer.getvalue())))
+    _assert_refused(snapshot, _post_files(snapshot, files), 400, "safetensors")
+
+
+def test_zip_with_parent_path_is_refused(snapshot, good_files):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in good_files:
+            archive.writestr(name, data)
+        archive.writestr("../evil.json", "{}")
+    _assert_refused(snapshot, _post_files(snapshot, [("files", ("model.zip", buffer.getvalue()))]), 400, "..")
+
+
+def test_config_with_auto_map_is_refused(snapshot, good_files):
+    files = []
+    for name, data in good_files:
+        if name == "config.json":
+            config = json.loads(data)
+            config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+            data = json.dumps(config).encode()
+        files.append(("files", (name, data)))
+    _assert_refused(snapshot, _post_files(snapshot, files), 400, "auto_map")
+
+
+def test_unknown_job_method_is_422_with_the_field(snapshot, tmp_path):
+    model = upload_model(snapshot.url, make_checkpoint(tmp_path / "m"))
+    snapshot._before = _stored(snapshot)
+    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+        "model_id": model["id"], "stages": [{"type": "prune", "method": "alchemy", "sparsity": 0.5}]})
+    _assert_refused(snapshot, response, 422, "unknown stage", param="stages.0.method")
+    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+        "model_id": model["id"], "stages": [{"type": "prune", "method": "magnitude", "sparsity": 1.5}]})
+    _assert_refused(snapshot, response, 422, "less than 1", param="stages.0.sparsity")
+    assert httpx.get(f"{snapshot.url}/v1/jobs", params={"model_id": model["id"]}).json()["data"] == []
+
+
+def test_job_on_missing_model_is_404(snapshot):
+    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+        "model_id": "mdl_doesnotexist", "stages": [{"type": "quantize", "method": "rtn"}]})
+    _assert_refused(snapshot, response, 404, "no model", param="model_id")
+
+
+def test_job_on_missing_dataset_is_404(snapshot, tmp_path):
+    model = upload_model(snapshot.url, make_checkpoint(tmp_path / "m"))
+    snapshot._before = _stored(snapshot)
+    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+        "model_id": model["id"], "stages": [{"type": "quantize", "method": "rtn"}],
+        "evaluation": {"dataset_id": "ds_nope"}})
+    _assert_refused(snapshot, response, 404, "no dataset", param="evaluation.dataset_id")
+
+
+def test_bad_datasets_are_refused(stack):
+    before = httpx.get(f"{stack.url}/v1/datasets").json()["data"]
+    for filename, body, word in [("data.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),
+                                 ("data.jsonl", b'{"content": "x"}\n', "text"),
+                                 ("data.txt", b"\xff\xfe\x00bad", "utf-8"),
+                                 ("data.csv", b"a,b", ".txt")]:
+        response = httpx.post(f"{stack.url}/v1/datasets", files={"file": (filename, body)})
+        assert response.status_code == 400, response.text
+        assert word in response.json()["error"]["message"].lower()
+        assert response.json()["error"]["param"] == "file"
+    assert httpx.get(f"{stack.url}/v1/datasets").json()["data"] == before
+
+
+def test_cancel_finished_job_is_409_and_missing_is_404(stack, tmp_path):
+    response = httpx.post(f"{stack.url}/v1/jobs/job_nope/cancel")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "job_id"
+    response = httpx.get(f"{stack.url}/v1/jobs/job_nope/artifact")
+    assert response.status_code == 404
+
+
+def test_model_and_dataset_delete(stack, tmp_path):
+    model = upload_model(stack.url, make_checkpoint(tmp_path / "m"))
+    dataset = upload_dataset(stack.url)
+    assert httpx.delete(f"{stack.url}/v1/models/{model['id']}").json()["deleted"] is True
+    assert httpx.get(f"{stack.url}/v1/models/{model['id']}").status_code == 404
+    assert not (stack.storage_root / "models" / model["id"]).exists()
+    assert httpx.delete(f"{stack.url}/v1/datasets/{dataset['id']}").status_code == 200
+    assert httpx.get(f"{stack.url}/v1/datasets/{dataset['id']}").status_code == 404

@@ -1,0 +1,241 @@
+"""``run_job(job_id)``: the plumbing around the compression engine.
+
+The task receives only an id. It claims the job in the database (a duplicate message finds it
+no longer queued and stops), re-reads the spec, runs the engine, and publishes the artifact by
+an atomic rename before the job is marked succeeded, so a client never sees a job that
+succeeded without its artifact, nor half an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+
+from app.config import get_settings
+from app.db import repositories
+from app.db.models import Dataset, Job, JobStatus, Model, utcnow
+from app.db.session import session_scope
+from app.specs import JobSpec, stage_name
+from app.storage import get_store, sha256_file
+from worker.celery_app import RUN_JOB, app
+
+log = logging.getLogger("squeeze.worker")
+
+
+@app.task(name=RUN_JOB)
+def run_job(job_id: str) -> None:
+    with session_scope() as session:
+        claimed = repositories.claim_job(session, job_id, utcnow())
+    if not claimed:
+        log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
+        return
+    JobRunner(job_id).run()
+
+
+@dataclass
+class Phases:
+    """The job's steps in order, for one overall progress figure and the current step's name."""
+
+    names: list[str]
+    current: int = 0
+
+    def fraction(self, within: float) -> float:
+        return min(1.0, (self.current + max(0.0, min(1.0, within))) / len(self.names))
+
+
+@dataclass
+class JobRunner:
+    job_id: str
+    settings: object = field(default_factory=get_settings)
+    _last_progress_write: float = 0.0
+    _last_cancel_check: float = 0.0
+    _cancel_seen: bool = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from worker.engine.pipeline import JobCancelled
+
+        store = get_store()
+        staging = store.staging_dir()
+        try:
+            metrics, artifact = self._execute(staging)
+            self._finish(JobStatus.SUCCEEDED, metrics=metrics, **artifact)
+        except JobCancelled:
+            self._finish(JobStatus.CANCELLED)
+        except SoftTimeLimitExceeded:
+            self._finish(JobStatus.FAILED, error=("time_limit_exceeded",
+                         f"the job ran longer than {self.settings.job_soft_time_limit_s} s"))
+        except Exception as exc:  # every failure ends as a failed job with its reason
+            log.exception("job %s failed", self.job_id)
+            self._finish(JobStatus.FAILED, error=(type(exc).__name__, str(exc)[:2000] or repr(exc)))
+        finally:
+            store.discard(staging)
+
+    def _finish(self, status: JobStatus, *, metrics=None, error=None, **artifact) -> None:
+        values = {"status": status.value, "finished_at": utcnow(), "metrics": metrics}
+        if status is JobStatus.SUCCEEDED:
+            values.update(progress=1.0, stage_name=None, stage_index=None, **artifact)
+        if error:
+            values.update(error_type=error[0], error_message=error[1])
+        with session_scope() as session:
+            session.execute(
+                update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value).values(**values)
+            )
+
+    # -- the work -------------------------------------------------------------------------
+
+    def _execute(self, staging: Path) -> tuple[dict, dict]:
+        import torch
+
+        from worker import evaluate
+        from worker.engine import calibration as calib
+        from worker.engine.export import load_model, write_checkpoint
+        from worker.engine.pipeline import EngineContext, run_pipeline
+
+        store = get_store()
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            model_row = session.get(Model, job.model_id)
+            spec = JobSpec.model_validate(job.spec)
+            datasets = {
+                section: session.get(Dataset, getattr(spec, section).dataset_id)
+                for section in ("calibration", "evaluation") if getattr(spec, section) is not None
+            }
+        for section, dataset in datasets.items():
+            if dataset is None:
+                raise LookupError(f"the {section} dataset was deleted before the job ran")
+        source_dir = store.path("models", model_row.id)
+        device = self._device(torch)
+        evaluation = spec.evaluation
+        phases = Phases(["load"] + (["evaluate.before"] if evaluation else [])
+                        + [stage_name(s) for s in spec.stages] + ["export"]
+                        + (["evaluate.after"] if evaluation else []))
+        started = time.monotonic()
+
+        self._enter(phases, phases.names.index("load"))
+        model = load_model(source_dir, device)
+        tokenizer = self._tokenizer(source_dir) if datasets else None
+        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+        latency_len = min(128, context)
+        before = {**evaluate.checkpoint_stats(source_dir), **evaluate.weight_stats(model),
+                  "latency_ms_per_token": evaluate.latency_ms_per_token(model, latency_len, model.config.vocab_size, device)}
+
+        eval_ids = eval_window = None
+        if evaluation:
+            self._enter(phases, phases.names.index("evaluate.before"))
+            texts = calib.read_texts(self._dataset_path(store, datasets["evaluation"]))
+            eval_ids = calib.token_stream(tokenizer, texts, max_tokens=evaluation.max_tokens)
+            eval_window = evaluation.seq_len or min(context, 1024)
+            stride = evaluation.stride or max(1, eval_window // 2)
+            before["perplexity"] = evaluate.perplexity(model, eval_ids, eval_window, stride, device)
+
+        batches = None
+        if spec.calibration:
+            texts = calib.read_texts(self._dataset_path(store, datasets["calibration"]))
+            batches = calib.calibration_batches(tokenizer, texts, spec.calibration.samples,
+                                                spec.calibration.seq_len, spec.calibration.seed)
+
+        ctx = EngineContext(device=device, calibration=batches,
+                            on_progress=lambda f: self._progress(phases, f),
+                            should_cancel=self._should_cancel)
+
+        first_stage = phases.names.index("export") - len(spec.stages)
+
+        def on_stage_start(index: int, _name: str) -> None:
+            self._enter(phases, first_stage + index, stage_index=index)
+
+        stage_metrics = run_pipeline(model, spec.stages, ctx, on_stage_start=on_stage_start)
+
+        self._enter(phases, phases.names.index("export"))
+        fmt = spec.output.format
+        if fmt == "auto":
+            fmt = "compressed-tensors" if ctx.quantized else "dense"
+        out_dir = staging / "model"
+        export_info = write_checkpoint(model, ctx, out_dir, fmt, source_dir)
+        del model  # the artifact is what gets measured from here on
+
+        artifact_model = load_model(out_dir, device)
+        after = {**evaluate.checkpoint_stats(out_dir), **evaluate.weight_stats(artifact_model),
+                 "latency_ms_per_token": evaluate.latency_ms_per_token(artifact_model, latency_len, artifact_model.config.vocab_size, device)}
+        if evaluation:
+            self._enter(phases, phases.names.index("evaluate.after"))
+            after["perplexity"] = evaluate.perplexity(artifact_model, eval_ids, eval_window, stride, device)
+        ctx.check_cancelled()
+
+        tar_path = staging / "artifact.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for path in sorted(out_dir.iterdir()):
+                tar.add(path, arcname=path.name, recursive=False)
+        digest = sha256_file(tar_path)
+        after["artifact_bytes"] = tar_path.stat().st_size
+        key = f"{self.job_id}.tar"
+        # Same key on every attempt: a re-run replaces, it never adds a second artifact.
+        os.replace(tar_path, store.path("artifacts", key))
+
+        metrics = {
+            "before": before,
+            "after": after,
+            "stages": stage_metrics,
+            "evaluation": ({"dataset_id": evaluation.dataset_id, "tokens": int(eval_ids.numel()),
+                            "seq_len": eval_window, "stride": stride} if evaluation else None),
+            "export": export_info,
+            "device": str(device),
+            "wall_time_s": round(time.monotonic() - started, 3),
+        }
+        artifact = {"artifact_key": key, "artifact_size_bytes": after["artifact_bytes"],
+                    "artifact_sha256": digest, "artifact_format": fmt}
+        return metrics, artifact
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _device(self, torch):
+        wanted = self.settings.device
+        if wanted == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(wanted)
+
+    @staticmethod
+    def _tokenizer(folder: Path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+    @staticmethod
+    def _dataset_path(store, dataset: Dataset) -> Path:
+        return store.path("datasets", dataset.id) / dataset.filename
+
+    def _enter(self, phases: Phases, position: int, stage_index: int | None = None) -> None:
+        phases.current = position
+        self._write_progress(phases.names[position], stage_index, phases.fraction(0.0))
+
+    def _progress(self, phases: Phases, within: float) -> None:
+        now = time.monotonic()
+        if now - self._last_progress_write >= self.settings.progress_interval_s:
+            self._write_progress(None, None, phases.fraction(within), keep_stage=True)
+
+    def _write_progress(self, name, stage_index, progress, keep_stage: bool = False) -> None:
+        self._last_progress_write = time.monotonic()
+        values = {"progress": round(progress, 4)}
+        if not keep_stage:
+            values.update(stage_name=name, stage_index=stage_index)
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+
+    def _should_cancel(self) -> bool:
+        # One small query a second at most: cancel takes effect within seconds, not per layer.
+        now = time.monotonic()
+        if not self._cancel_seen and now - self._last_cancel_check >= 1.0:
+            self._last_cancel_check = now
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                self._cancel_seen = bool(job is None or job.cancel_requested)
+        return self._cancel_seen
