@@ -16,9 +16,11 @@ handler for it in ``worker/engine``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
+                      field_validator, model_validator)
 
 
 class _Strict(BaseModel):
@@ -26,34 +28,112 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _StageConfig(_Strict):
+    # Data-aware methods look at activations: the job must then carry a calibration section.
+    requires_calibration: ClassVar[bool] = False
+
+
+_NM = re.compile(r"^([1-9][0-9]?):([1-9][0-9]?)$")
+
+
+class _Unstructured(_StageConfig):
+    """Shared by the unstructured pruning methods: a fraction of weights, or an N:M pattern
+    (N weights kept in every M consecutive inputs, e.g. ``"2:4"``, which sparse tensor cores
+    run fast). With a pattern the sparsity follows from it and may be left out."""
+
+    sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: str = Field(default="unstructured", description='"unstructured", or N:M such as "2:4" or "4:8"')
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self):
+        if self.pattern == "unstructured":
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning")
+            return self
+        match = _NM.match(self.pattern)
+        if not match or int(match[1]) >= int(match[2]):
+            raise ValueError('pattern must be "unstructured" or N:M with N < M, e.g. "2:4"')
+        implied = 1 - int(match[1]) / int(match[2])
+        if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} means sparsity {implied:g}; leave sparsity out")
+        self.sparsity = implied
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``(2, 4)`` for ``"2:4"``; None for unstructured."""
+        match = _NM.match(self.pattern)
+        return (int(match[1]), int(match[2])) if match else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages
 
 
-class PruneRandom(_Strict):
+class PruneRandom(_Unstructured):
     """Zero a random ``sparsity`` fraction of each layer's weights: the baseline every other
     pruning method must beat. ``{"type": "prune", "method": "random", "sparsity": 0.5, "seed": 0}``"""
 
     type: Literal["prune"] = "prune"
     method: Literal["random"] = "random"
-    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of weights set to zero")
     seed: int = Field(default=0, ge=0, description="makes the choice of weights reproducible")
 
 
-class PruneMagnitude(_Strict):
+class PruneMagnitude(_Unstructured):
     """Zero the weights of smallest absolute value. With ``scope="layer"`` every layer gets
     exactly ``sparsity`` (rounded to a whole weight); with ``"global"`` one threshold is shared
-    by all layers. ``{"type": "prune", "method": "magnitude", "sparsity": 0.5}``"""
+    by all layers (unstructured only). ``{"type": "prune", "method": "magnitude", "sparsity": 0.5}``"""
 
     type: Literal["prune"] = "prune"
     method: Literal["magnitude"] = "magnitude"
-    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of weights set to zero")
     scope: Literal["layer", "global"] = Field(
         default="layer", description="rank weights within each layer, or across all layers"
     )
 
+    @model_validator(mode="after")
+    def _global_is_unstructured(self):
+        if self.scope == "global" and self.pattern != "unstructured":
+            raise ValueError("scope global applies to unstructured pruning only")
+        return self
 
-class QuantizeRTN(_Strict):
+
+class PruneWanda(_Unstructured):
+    """Wanda (Sun et al. 2023): drop the weights with the smallest ``|W| * ||x||``, the input
+    activation norm measured on calibration data, compared within each output row.
+    ``{"type": "prune", "method": "wanda", "sparsity": 0.5}`` or ``{"..., "pattern": "2:4"}``"""
+
+    requires_calibration: ClassVar[bool] = True
+    type: Literal["prune"] = "prune"
+    method: Literal["wanda"] = "wanda"
+
+
+class PruneSparseGPT(_Unstructured):
+    """SparseGPT (Frantar & Alistarh 2023): one-shot pruning that updates the remaining
+    weights with the inverse Hessian of the layer's calibration inputs, layer by layer.
+    ``{"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "block_size": 128}``"""
+
+    requires_calibration: ClassVar[bool] = True
+    type: Literal["prune"] = "prune"
+    method: Literal["sparsegpt"] = "sparsegpt"
+    block_size: int = Field(default=128, ge=1, le=4096, description="columns solved together")
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0, description="fraction of the mean Hessian diagonal added to it")
+
+
+class PruneStructured(_StageConfig):
+    """Remove whole attention heads and MLP neurons ranked by importance on calibration data,
+    and rewrite the config: the result is a smaller dense model, faster per token.
+    ``{"type": "prune", "method": "structured", "sparsity": 0.25}``"""
+
+    requires_calibration: ClassVar[bool] = True
+    type: Literal["prune"] = "prune"
+    method: Literal["structured"] = "structured"
+    sparsity: float = Field(gt=0.0, le=0.9, description="fraction of heads and of MLP neurons removed")
+    targets: list[Literal["heads", "neurons"]] = Field(
+        default_factory=lambda: ["heads", "neurons"], min_length=1, description="what may be removed"
+    )
+
+
+class QuantizeRTN(_StageConfig):
     """Round-to-nearest weight-only quantization. ``group_size=None`` gives one scale per output
     channel; otherwise each row is split into groups of that many inputs (a partial last group
     is allowed). ``{"type": "quantize", "method": "rtn", "bits": 8}``"""
@@ -67,7 +147,80 @@ class QuantizeRTN(_Strict):
     symmetric: bool = Field(default=True, description="false adds a zero point per group")
 
 
-STAGE_CONFIGS: tuple[type[_Strict], ...] = (PruneRandom, PruneMagnitude, QuantizeRTN)
+class QuantizeGPTQ(_StageConfig):
+    """GPTQ (Frantar et al. 2022): quantize column by column, spreading each rounding error
+    over the columns not yet quantized with the inverse Hessian of the calibration inputs.
+    ``{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128}``"""
+
+    requires_calibration: ClassVar[bool] = True
+    type: Literal["quantize"] = "quantize"
+    method: Literal["gptq"] = "gptq"
+    bits: Literal[4, 8] = Field(default=4, description="bits per stored weight")
+    group_size: int | None = Field(default=128, ge=8, le=65536, description="inputs per scale; null = per output channel")
+    symmetric: bool = True
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0, description="fraction of the mean Hessian diagonal added to it")
+    act_order: bool = Field(default=False, description="quantize columns in order of decreasing Hessian diagonal")
+    block_size: int = Field(default=128, ge=1, le=4096, description="columns updated together")
+
+
+class QuantizeDynamicInt8(_StageConfig):
+    """int8 weights (per output channel) and int8 activations quantized on the fly per token,
+    for CPU serving (PyTorch's dynamic quantization).
+    ``{"type": "quantize", "method": "dynamic_int8"}``"""
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["dynamic_int8"] = "dynamic_int8"
+
+
+class DistillKD(_StageConfig):
+    """Knowledge distillation: train a student to match the teacher's temperature-softened
+    next-token distribution (KL, scaled by T^2), mixed with the language-model loss on the
+    dataset by ``alpha``; optionally match hidden states too.
+
+    The teacher is the job's input model (or ``teacher_model_id``). The student is the model
+    as the earlier stages left it (recovery after pruning), or ``student_model_id``, or the
+    teacher with only ``keep_layers`` (``"every_other"`` is DistilGPT2's recipe)::
+
+        {"type": "distill", "method": "kd", "dataset_id": "ds_...", "keep_layers": "every_other",
+         "steps": 500, "temperature": 2.0, "alpha": 0.5}
+    """
+
+    type: Literal["distill"] = "distill"
+    method: Literal["kd"] = "kd"
+    dataset_id: str = Field(min_length=1, max_length=64, description="training text")
+    teacher_model_id: str | None = Field(default=None, description="default: the job's input model")
+    student_model_id: str | None = Field(default=None, description="an uploaded student")
+    keep_layers: Literal["every_other", "first_half"] | list[int] | None = Field(
+        default=None, description="make the student from the current model's layers"
+    )
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the KL term; 1 - alpha for the LM loss")
+    hidden_loss_weight: float = Field(default=0.0, ge=0.0, le=100.0, description="weight of the matched hidden-state MSE")
+    steps: int = Field(default=200, ge=1, le=1_000_000)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    learning_rate: float = Field(default=5e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    warmup_steps: int = Field(default=20, ge=0, le=1_000_000)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1000.0)
+    eval_every: int = Field(default=50, ge=1, le=1_000_000, description="evaluate, keep the best student")
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_student(self):
+        if self.student_model_id is not None and self.keep_layers is not None:
+            raise ValueError("give student_model_id or keep_layers, not both")
+        if isinstance(self.keep_layers, list) and (not self.keep_layers or min(self.keep_layers) < 0
+                                                   or len(set(self.keep_layers)) != len(self.keep_layers)):
+            raise ValueError("keep_layers must be distinct non-negative layer indices")
+        return self
+
+
+STAGE_CONFIGS: tuple[type[_StageConfig], ...] = (
+    PruneRandom, PruneMagnitude, PruneWanda, PruneSparseGPT, PruneStructured,
+    DistillKD,
+    QuantizeRTN, QuantizeGPTQ, QuantizeDynamicInt8,
+)
 
 
 def stage_name(stage: BaseModel) -> str:
@@ -162,9 +315,19 @@ class JobSpec(_Strict):
 
     model_id: str = Field(min_length=1, max_length=64)
     stages: list[Stage] = Field(min_length=1, max_length=16)
-    calibration: CalibrationSpec | None = None
+    calibration: CalibrationSpec | None = Field(default=None, validate_default=True)
     evaluation: EvaluationSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("calibration", mode="after")
+    @classmethod
+    def _calibration_when_needed(cls, calibration, info: ValidationInfo):
+        # A field validator (not a model one) so that the error names the field: calibration.
+        if calibration is None:
+            needing = [stage_name(s) for s in info.data.get("stages", []) if s.requires_calibration]
+            if needing:
+                raise ValueError(f"{', '.join(needing)} needs calibration data: add a calibration section")
+        return calibration
 
 
 def parse_stages(raw: list[dict[str, Any]]) -> list[BaseModel]:

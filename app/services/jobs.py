@@ -33,6 +33,8 @@ def create_job(session: Session, spec: JobSpec) -> Job:
                     f"tokenized for {section}; upload it again with tokenizer.json",
                     param=f"{section}.dataset_id",
                 )
+    for index, stage in enumerate(spec.stages):
+        _check_stage_references(session, index, stage, model)
     job = Job(
         id=new_id("job"), model_id=model.id, spec=spec.model_dump(mode="json"),
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
@@ -41,6 +43,20 @@ def create_job(session: Session, spec: JobSpec) -> Job:
     session.commit()
     enqueue(session, job)
     return job
+
+
+def _check_stage_references(session: Session, index: int, stage, model: Model) -> None:
+    """Datasets and models a stage names (distillation's) must exist when the job is accepted."""
+    dataset_id = getattr(stage, "dataset_id", None)
+    if dataset_id is not None:
+        get_dataset(session, dataset_id, param=f"stages.{index}.dataset_id")
+        if not model.has_tokenizer:
+            raise APIError(f"model {model.id!r} has no tokenizer files to read the training text",
+                           param=f"stages.{index}.dataset_id")
+    for field in ("teacher_model_id", "student_model_id"):
+        other_id = getattr(stage, field, None)
+        if other_id is not None and repositories.get(session, Model, other_id) is None:
+            raise NotFound(f"no model {other_id!r}", param=f"stages.{index}.{field}")
 
 
 def enqueue(session: Session, job: Job) -> bool:

@@ -46,3 +46,25 @@ def test_absurd_job_values_are_rejected(extra):
     body.update(extra)
     with pytest.raises(pydantic.ValidationError):
         JobSpec.model_validate(body)
+
+
+def test_data_aware_methods_need_calibration():
+    body = _spec({"type": "prune", "method": "sparsegpt", "pattern": "2:4"})
+    with pytest.raises(pydantic.ValidationError) as info:
+        JobSpec.model_validate(body)
+    assert info.value.errors()[0]["loc"] == ("calibration",)
+    spec = JobSpec.model_validate({**body, "calibration": {"dataset_id": "ds"}})
+    assert spec.stages[0].sparsity == 0.5 and spec.stages[0].n_m == (2, 4)
+
+
+@pytest.mark.parametrize("stage", [
+    {"type": "prune", "method": "wanda", "pattern": "4:2"},
+    {"type": "prune", "method": "wanda", "pattern": "2:4", "sparsity": 0.7},
+    {"type": "prune", "method": "wanda"},
+    {"type": "prune", "method": "magnitude", "pattern": "2:4", "scope": "global"},
+    {"type": "distill", "method": "kd", "dataset_id": "ds", "keep_layers": [0, 0]},
+    {"type": "distill", "method": "kd", "dataset_id": "ds", "steps": -1},
+])
+def test_inconsistent_stage_fields_are_rejected(stage):
+    with pytest.raises(pydantic.ValidationError):
+        JobSpec.model_validate(_spec(stage, calibration={"dataset_id": "ds"}))

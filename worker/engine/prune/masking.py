@@ -1,0 +1,39 @@
+"""What every pruning method does once it has chosen which weights to keep.
+
+A keep-mask is a bool tensor shaped like the ``[out, in]`` weight, ``True`` where the weight
+stays. Masks compose: a layer pruned twice keeps only what both stages kept, and the mask is
+left in ``ctx.masks`` so that later stages (quantization) keep the zeros.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from worker.engine.modules import WeightLayer
+
+if TYPE_CHECKING:  # at run time the pipeline imports this module (through the methods)
+    from worker.engine.pipeline import EngineContext
+
+
+def apply_keep_mask(layer: WeightLayer, keep: torch.Tensor, ctx: EngineContext) -> None:
+    """Zero ``layer``'s weights outside ``keep`` (and outside any earlier mask); record the
+    combined mask in ``ctx.masks``."""
+    keep = keep.to(device=layer.weight().device, dtype=torch.bool)
+    earlier = ctx.masks.get(layer.name)
+    if earlier is not None:
+        keep = keep & earlier
+    layer.set_weight(layer.weight() * keep)
+    ctx.masks[layer.name] = keep
+    # A layer quantized by an earlier stage: keep its stored integers in step with the model.
+    if layer.name in ctx.quantized:
+        ctx.quantized[layer.name] = ctx.quantized[layer.name].masked(keep)
+
+
+def pruning_metrics(layers: list[WeightLayer], ctx: EngineContext) -> dict[str, Any]:
+    """``{"layers": n, "sparsity": f}``: f is the fraction of the compressible weights that the
+    masks remove, all pruning stages so far included."""
+    total = sum(layer.weight().numel() for layer in layers)
+    pruned = sum(int((~ctx.masks[layer.name]).sum()) for layer in layers if layer.name in ctx.masks)
+    return {"layers": len(layers), "sparsity": pruned / total if total else 0.0}
