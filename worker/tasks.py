@@ -123,7 +123,8 @@ class JobRunner:
 
         self._enter(phases, phases.names.index("load"))
         model = load_model(source_dir, device)
-        tokenizer = self._tokenizer(source_dir) if datasets else None
+        needs_text = bool(datasets) or any(getattr(s, "dataset_id", None) for s in spec.stages)
+        tokenizer = self._tokenizer(source_dir) if needs_text else None
         context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
         latency_len = min(128, context)
         before = {**evaluate.checkpoint_stats(source_dir), **evaluate.weight_stats(model),
@@ -146,7 +147,10 @@ class JobRunner:
 
         ctx = EngineContext(device=device, calibration=batches,
                             on_progress=lambda f: self._progress(phases, f),
-                            should_cancel=self._should_cancel)
+                            should_cancel=self._should_cancel, tokenizer=tokenizer,
+                            resolve_dataset=lambda dataset_id: self._dataset_file(store, dataset_id),
+                            resolve_model=lambda model_id: store.path("models", model_id),
+                            source_model_dir=source_dir)
 
         first_stage = phases.names.index("export") - len(spec.stages)
 
@@ -154,6 +158,7 @@ class JobRunner:
             self._enter(phases, first_stage + index, stage_index=index)
 
         stage_metrics = run_pipeline(model, spec.stages, ctx, on_stage_start=on_stage_start)
+        model = ctx.model
 
         self._enter(phases, phases.names.index("export"))
         fmt = spec.output.format
@@ -212,6 +217,13 @@ class JobRunner:
     @staticmethod
     def _dataset_path(store, dataset: Dataset) -> Path:
         return store.path("datasets", dataset.id) / dataset.filename
+
+    def _dataset_file(self, store, dataset_id: str) -> Path:
+        with session_scope() as session:
+            dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise LookupError(f"dataset {dataset_id!r} was deleted before the job ran")
+        return self._dataset_path(store, dataset)
 
     def _enter(self, phases: Phases, position: int, stage_index: int | None = None) -> None:
         phases.current = position

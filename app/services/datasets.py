@@ -113,8 +113,5 @@ def delete_dataset(session: Session, store: LocalStore, dataset_id: str) -> None
 
 def _dataset_ids(job: Job) -> set[str]:
     spec = job.spec or {}
-    return {
-        section["dataset_id"]
-        for section in (spec.get("calibration"), spec.get("evaluation"))
-        if section and section.get("dataset_id")
-    }
+    sections = [spec.get("calibration"), spec.get("evaluation"), *spec.get("stages", [])]
+    return {section["dataset_id"] for section in sections if section and section.get("dataset_id")}

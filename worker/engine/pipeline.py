@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -52,6 +53,14 @@ class EngineContext:
     should_cancel: Callable[[], bool] = _never_cancel
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name -> keep-mask
     quantized: dict[str, "QuantizedWeight"] = field(default_factory=dict)  # layer name -> q
+    # The model the stages work on. A stage that builds a new one (a distilled student, a
+    # structurally pruned copy) assigns it here; the next stage and the export take it.
+    model: nn.Module | None = None
+    # What distillation needs beyond the model: text and other uploaded models.
+    tokenizer: Any = None
+    resolve_dataset: Callable[[str], Path] | None = None  # dataset id -> its text file
+    resolve_model: Callable[[str], Path] | None = None  # model id -> its checkpoint folder
+    source_model_dir: Path | None = None  # the job's input model (the default teacher)
 
     def check_cancelled(self) -> None:
         if self.should_cancel():
@@ -99,8 +108,11 @@ def run_pipeline(
     on_stage_start: Callable[[int, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``stages`` in order on ``model`` (changed in place); return each stage's metrics with
-    its ``name`` and ``wall_time_s``. Raises ``JobCancelled`` if the job is cancelled."""
+    its ``name`` and ``wall_time_s``. Raises ``JobCancelled`` if the job is cancelled.
+
+    The model at the end is ``ctx.model``: the same object unless a stage replaced it."""
     handlers = [handler_for(stage) for stage in stages]  # fail before any work is done
+    ctx.model = model
     results = []
     for index, (stage, handler) in enumerate(zip(stages, handlers)):
         name = stage_name(stage)
@@ -108,8 +120,8 @@ def run_pipeline(
             on_stage_start(index, name)
         ctx.check_cancelled()
         started = time.perf_counter()
-        with torch.no_grad():
-            metrics = handler(model, stage, ctx)
+        with torch.no_grad():  # a training stage turns gradients back on for itself
+            metrics = handler(ctx.model, stage, ctx)
         ctx.on_progress(1.0)
         results.append({"name": name, **metrics, "wall_time_s": time.perf_counter() - started})
     return results
