@@ -135,10 +135,13 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         400: "The request is malformed or the uploaded file is refused.",
+        401: "No API key, or an invalid or revoked one.",
+        403: "The key may not do this (an admin key is needed).",
         404: "The object does not exist.",
         409: "The request conflicts with the object's current state.",
         413: "The request body or file is larger than the limits.",
         422: "A field failed validation; `param` names it.",
+        429: "Too many requests or jobs for this tenant.",
         503: "A backing service (database or broker) is unavailable.",
     }
     return {code: {"model": ErrorEnvelope, "description": descriptions[code]} for code in codes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -31,6 +31,7 @@ class ModelOut(BaseModel):
     has_tokenizer: bool
     context_length: int | None
     dtype: str
+    metadata: dict[str, str] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_at: datetime
 
 
@@ -44,6 +45,7 @@ class DatasetOut(BaseModel):
     num_records: int = Field(description="1 for a text file; lines for JSONL")
     size_bytes: int
     sha256: str
+    metadata: dict[str, str] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_at: datetime
 
 
@@ -76,6 +78,7 @@ class JobOut(BaseModel):
         "latency, and wall time per stage; see the README"
     )
     artifact: ArtifactOut | None
+    metadata: dict[str, str]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -93,3 +96,28 @@ class Deleted(BaseModel):
     id: str
     object: str
     deleted: Literal[True] = True
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=100, description="tenant name; created if new")
+    name: str = Field(min_length=1, max_length=100)
+    admin: bool = False
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    tenant_id: str
+    name: str
+    prefix: str = Field(description="the first characters of the secret, to tell keys apart")
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="the secret: shown once, store it now")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
                       field_validator, model_validator)
 
 
@@ -257,6 +257,19 @@ Stage = Annotated[
 # The job
 
 
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 50:
+        raise ValueError("at most 50 metadata keys")
+    for key, item in value.items():
+        if not key or len(key) > 40 or len(item) > 500:
+            raise ValueError("metadata keys are 1-40 characters, values at most 500")
+    return value
+
+
+# A free map of the client's own labels, filterable in lists (Stripe's convention).
+Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
+
+
 class CalibrationSpec(_Strict):
     """Text the data-aware methods look at. Sampling is deterministic given ``seed``."""
 
@@ -318,6 +331,7 @@ class JobSpec(_Strict):
     calibration: CalibrationSpec | None = Field(default=None, validate_default=True)
     evaluation: EvaluationSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    metadata: Metadata = Field(default_factory=dict, description="your own labels, e.g. {\"team\": \"search\"}")
 
     @field_validator("calibration", mode="after")
     @classmethod

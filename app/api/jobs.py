@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, Response
 from sqlalchemy.orm import Session
 
+from app.api.common import ListQuery, list_query
+from app.auth import Principal, current_principal
 from app.db import repositories
 from app.db.models import Job, JobStatus
 from app.db.session import get_session
@@ -17,7 +19,7 @@ from app.services import jobs as service
 from app.specs import JobSpec
 from app.storage import LocalStore, get_store
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401))
 
 
 def job_out(job: Job, request: Request) -> dict:
@@ -34,65 +36,100 @@ def job_out(job: Job, request: Request) -> dict:
         "id": job.id, "model_id": job.model_id, "status": job.status, "stage": job.stage_name,
         "stage_index": job.stage_index, "progress": job.progress,
         "cancel_requested": job.cancel_requested, "attempts": job.attempts, "spec": job.spec,
-        "error": error, "metrics": job.metrics, "artifact": artifact,
+        "error": error, "metrics": job.metrics, "artifact": artifact, "metadata": job.metadata_ or {},
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
     }
 
 
 @router.post("", status_code=201, response_model=JobOut, responses=error_responses(400, 404, 422))
-def create_job(spec: JobSpec, request: Request, session: Session = Depends(get_session)):
+def create_job(
+    spec: JobSpec,
+    request: Request,
+    principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
+):
     """Queue a compression job. Stages run in order; see ``JobSpec`` for every method."""
-    return job_out(service.create_job(session, spec), request)
+    return job_out(service.create_job(session, principal.tenant_id, spec), request)
 
 
 @router.get("", response_model=Page[JobOut], responses=error_responses(422))
 def list_jobs(
     request: Request,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="id of the last item of the previous page"),
+    query: ListQuery = Depends(list_query),
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     model_id: str | None = None,
+    principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
 ):
     rows, has_more = repositories.page(
-        session, Job, limit=limit, after=after, status=status, model_id=model_id
+        session, Job, tenant_id=principal.tenant_id, status=status, model_id=model_id, **query.filters()
     )
     return {"data": [job_out(job, request) for job in rows], "has_more": has_more}
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: str, request: Request, session: Session = Depends(get_session)):
-    return job_out(service.get_job(session, job_id), request)
+def get_job(
+    job_id: str,
+    request: Request,
+    principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
+):
+    return job_out(service.get_job(session, principal.tenant_id, job_id), request)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
-def cancel_job(job_id: str, request: Request, session: Session = Depends(get_session)):
+def cancel_job(
+    job_id: str,
+    request: Request,
+    principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
+):
     """Queued: cancelled at once. Running: stops at the next layer or step. Finished: 409."""
-    return job_out(service.cancel_job(session, job_id), request)
+    return job_out(service.cancel_job(session, principal.tenant_id, job_id), request)
+
+
+ARTIFACT_RESPONSES = {
+    200: {
+        "content": {"application/x-tar": {}},
+        "description": "A tar of the compressed model's `save_pretrained` folder. Headers: "
+        "`Content-Length`, `X-Checksum-SHA256` (hex), `ETag`, `Accept-Ranges`.",
+    },
+    206: {"content": {"application/x-tar": {}}, "description": "The requested byte range."},
+    304: {"description": "`If-None-Match` matched the ETag."},
+    416: {"description": "The range starts past the end of the file."},
+    **error_responses(404, 409),
+}
 
 
 @router.get(
     "/{job_id}/artifact",
+    operation_id="download_artifact",
     response_class=FileResponse,
-    responses={
-        200: {
-            "content": {"application/x-tar": {}},
-            "description": "A tar of the compressed model's `save_pretrained` folder. Headers: "
-            "`Content-Length`, `X-Checksum-SHA256` (hex), `ETag`.",
-        },
-        **error_responses(404, 409),
-    },
+    responses=ARTIFACT_RESPONSES,
 )
 def download_artifact(
-    job_id: str, session: Session = Depends(get_session), store: LocalStore = Depends(get_store)
+    job_id: str,
+    request: Request,
+    principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
+    store: LocalStore = Depends(get_store),
 ):
-    job = service.get_job(session, job_id)
+    """Download the artifact; supports ``HEAD``, ``Range`` and ``If-None-Match``."""
+    job = service.get_job(session, principal.tenant_id, job_id)
     if job.status != JobStatus.SUCCEEDED.value or not job.artifact_key:
         raise Conflict(f"job {job_id!r} is {job.status}; its artifact exists once it succeeded", param="job_id")
     path = store.path("artifacts", job.artifact_key)
     if not path.is_file():
         raise NotFound(f"artifact of job {job_id!r} is missing from storage", param="job_id")
+    etag = f'"{job.artifact_sha256}"'
+    if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(
         path, media_type="application/x-tar", filename=f"{job_id}.tar",
-        headers={"X-Checksum-SHA256": job.artifact_sha256 or "", "ETag": f'"{job.artifact_sha256}"'},
+        headers={"X-Checksum-SHA256": job.artifact_sha256 or "", "ETag": etag},
     )
+
+
+# HEAD answers the same headers without the body (size and checksum before a download).
+router.add_api_route("/{job_id}/artifact", download_artifact, methods=["HEAD"], operation_id="head_artifact",
+                     response_class=FileResponse, responses=ARTIFACT_RESPONSES)

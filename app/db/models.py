@@ -43,12 +43,41 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class Tenant(Base):
+    """A project: every model, dataset, job and key belongs to exactly one."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A secret that acts for one tenant. Only its SHA-256 is stored: the secret is shown once.
+
+    Keys are 256 random bits, so a fast hash is enough (no password stretching needed)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell keys apart
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class Model(Base):
     """An uploaded checkpoint, stored as a folder of validated files."""
 
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
     name: Mapped[str] = mapped_column(String(200))
     architecture: Mapped[str] = mapped_column(String(100))
     model_type: Mapped[str] = mapped_column(String(50))
@@ -68,6 +97,8 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(10))  # "text" | "jsonl"
     filename: Mapped[str] = mapped_column(String(40))  # server-side name inside its folder
@@ -83,6 +114,8 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSONType, default=dict)
     # RESTRICT: a model with jobs cannot vanish under a running worker; the service says 409.
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import and_, or_, select, update
@@ -12,20 +13,37 @@ from app.db.models import Base, Job, JobStatus
 Row = TypeVar("Row", bound=Base)
 
 
-def get(session: Session, model: type[Row], object_id: str) -> Row | None:
-    return session.get(model, object_id)
+def get(session: Session, model: type[Row], object_id: str, tenant_id: str) -> Row | None:
+    """The row if it exists in this tenant. Another tenant's row is reported as absent."""
+    row = session.get(model, object_id)
+    return row if row is not None and row.tenant_id == tenant_id else None
 
 
 def page(
-    session: Session, model: type[Row], *, limit: int, after: str | None = None, **filters
+    session: Session,
+    model: type[Row],
+    *,
+    tenant_id: str,
+    limit: int,
+    after: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    metadata: dict[str, str] | None = None,
+    **filters,
 ) -> tuple[list[Row], bool]:
     """Newest first, keyset-paginated on (created_at, id): stable while rows are added."""
-    query = select(model)
+    query = select(model).where(model.tenant_id == tenant_id)
     for column, value in filters.items():
         if value is not None:
             query = query.where(getattr(model, column) == value)
+    if created_after is not None:
+        query = query.where(model.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(model.created_at < created_before)
+    for key, value in (metadata or {}).items():
+        query = query.where(model.metadata_[key].as_string() == value)
     if after is not None:
-        anchor = session.get(model, after)
+        anchor = get(session, model, after, tenant_id)
         if anchor is None:
             return [], False
         query = query.where(
@@ -43,10 +61,13 @@ def jobs_using_model(session: Session, model_id: str) -> int:
     return len(session.scalars(select(Job.id).where(Job.model_id == model_id)).all())
 
 
-def active_jobs(session: Session) -> list[Job]:
+def active_jobs(session: Session, tenant_id: str) -> list[Job]:
     return list(
         session.scalars(
-            select(Job).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+            select(Job).where(
+                Job.tenant_id == tenant_id,
+                Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            )
         )
     )
 

@@ -27,7 +27,13 @@ def _format_for(filename: str | None) -> str:
 
 
 def create_dataset(
-    session: Session, store: LocalStore, filename: str | None, stream: BinaryIO, name: str | None
+    session: Session,
+    store: LocalStore,
+    tenant_id: str,
+    filename: str | None,
+    stream: BinaryIO,
+    name: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> Dataset:
     fmt = _format_for(filename)
     limit = get_settings().max_dataset_bytes
@@ -66,7 +72,7 @@ def create_dataset(
         if size == 0 or records == 0:
             raise APIError("dataset is empty", param="file")
         dataset = Dataset(
-            id=new_id("ds"), name=(name or filename or "dataset")[:200], format=fmt,
+            id=new_id("ds"), tenant_id=tenant_id, metadata_=metadata or {}, name=(name or filename or "dataset")[:200], format=fmt,
             filename=stored_name, num_records=records, size_bytes=size, sha256=digest.hexdigest(),
         )
         final = store.commit_dir(staging, "datasets", dataset.id)
@@ -95,16 +101,16 @@ def _check_jsonl_line(line: str, number: int) -> int:
     return 1
 
 
-def get_dataset(session: Session, dataset_id: str, param: str = "dataset_id") -> Dataset:
-    dataset = repositories.get(session, Dataset, dataset_id)
+def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = "dataset_id") -> Dataset:
+    dataset = repositories.get(session, Dataset, dataset_id, tenant_id)
     if dataset is None:
         raise NotFound(f"no dataset {dataset_id!r}", param=param)
     return dataset
 
 
-def delete_dataset(session: Session, store: LocalStore, dataset_id: str) -> None:
-    dataset = get_dataset(session, dataset_id)
-    if any(dataset_id in _dataset_ids(job) for job in repositories.active_jobs(session)):
+def delete_dataset(session: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
+    dataset = get_dataset(session, tenant_id, dataset_id)
+    if any(dataset_id in _dataset_ids(job) for job in repositories.active_jobs(session, tenant_id)):
         raise Conflict(f"dataset {dataset_id!r} is used by a queued or running job", param="dataset_id")
     session.delete(dataset)
     session.commit()

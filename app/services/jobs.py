@@ -14,19 +14,18 @@ from app.db import repositories
 from app.db.models import Job, JobStatus, Model, new_id, utcnow
 from app.errors import APIError, Conflict, NotFound
 from app.services.datasets import get_dataset
+from app.services.models import get_model
 from app.specs import JobSpec
 
 log = logging.getLogger("squeeze.jobs")
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
-    model = repositories.get(session, Model, spec.model_id)
-    if model is None:
-        raise NotFound(f"no model {spec.model_id!r}", param="model_id")
+def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
+    model = get_model(session, tenant_id, spec.model_id)
     for section in ("calibration", "evaluation"):
         chosen = getattr(spec, section)
         if chosen is not None:
-            get_dataset(session, chosen.dataset_id, param=f"{section}.dataset_id")
+            get_dataset(session, tenant_id, chosen.dataset_id, param=f"{section}.dataset_id")
             if not model.has_tokenizer:
                 raise APIError(
                     f"model {model.id!r} was uploaded without tokenizer files, so text cannot be "
@@ -34,9 +33,10 @@ def create_job(session: Session, spec: JobSpec) -> Job:
                     param=f"{section}.dataset_id",
                 )
     for index, stage in enumerate(spec.stages):
-        _check_stage_references(session, index, stage, model)
+        _check_stage_references(session, tenant_id, index, stage, model)
     job = Job(
-        id=new_id("job"), model_id=model.id, spec=spec.model_dump(mode="json"),
+        id=new_id("job"), tenant_id=tenant_id, model_id=model.id, metadata_=spec.metadata,
+        spec=spec.model_dump(mode="json", exclude={"metadata"}),
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
     )
     session.add(job)
@@ -45,18 +45,18 @@ def create_job(session: Session, spec: JobSpec) -> Job:
     return job
 
 
-def _check_stage_references(session: Session, index: int, stage, model: Model) -> None:
+def _check_stage_references(session: Session, tenant_id: str, index: int, stage, model: Model) -> None:
     """Datasets and models a stage names (distillation's) must exist when the job is accepted."""
     dataset_id = getattr(stage, "dataset_id", None)
     if dataset_id is not None:
-        get_dataset(session, dataset_id, param=f"stages.{index}.dataset_id")
+        get_dataset(session, tenant_id, dataset_id, param=f"stages.{index}.dataset_id")
         if not model.has_tokenizer:
             raise APIError(f"model {model.id!r} has no tokenizer files to read the training text",
                            param=f"stages.{index}.dataset_id")
     for field in ("teacher_model_id", "student_model_id"):
         other_id = getattr(stage, field, None)
-        if other_id is not None and repositories.get(session, Model, other_id) is None:
-            raise NotFound(f"no model {other_id!r}", param=f"stages.{index}.{field}")
+        if other_id is not None:
+            get_model(session, tenant_id, other_id, param=f"stages.{index}.{field}")
 
 
 def enqueue(session: Session, job: Job) -> bool:
@@ -79,17 +79,17 @@ def resend_unsent(session: Session) -> int:
     return sum(enqueue(session, job) for job in repositories.unsent_jobs(session))
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = repositories.get(session, Job, job_id)
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = repositories.get(session, Job, job_id, tenant_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     return job
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one when the engine next checks (between
     layers and steps); a finished one cannot be cancelled."""
-    job = get_job(session, job_id)
+    job = get_job(session, tenant_id, job_id)
     if repositories.cancel_if_queued(session, job_id, utcnow()) or repositories.request_cancel(
         session, job_id
     ):

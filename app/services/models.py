@@ -16,7 +16,12 @@ from app.storage import LocalStore
 
 
 def create_model(
-    session: Session, store: LocalStore, files: list[tuple[str, BinaryIO]], name: str | None
+    session: Session,
+    store: LocalStore,
+    tenant_id: str,
+    files: list[tuple[str, BinaryIO]],
+    name: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> Model:
     """Validate the uploaded files (or one archive) and record the model.
 
@@ -33,6 +38,8 @@ def create_model(
         info = inspect_checkpoint(staging, limits)
         model = Model(
             id=new_id("mdl"),
+            tenant_id=tenant_id,
+            metadata_=metadata or {},
             name=(name or info.architecture)[:200],
             architecture=info.architecture,
             model_type=info.model_type,
@@ -59,15 +66,15 @@ def create_model(
         store.discard(staging)
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    model = repositories.get(session, Model, model_id)
+def get_model(session: Session, tenant_id: str, model_id: str, param: str = "model_id") -> Model:
+    model = repositories.get(session, Model, model_id, tenant_id)
     if model is None:
-        raise NotFound(f"no model {model_id!r}", param="model_id")
+        raise NotFound(f"no model {model_id!r}", param=param)
     return model
 
 
-def delete_model(session: Session, store: LocalStore, model_id: str) -> None:
-    model = get_model(session, model_id)
+def delete_model(session: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:
+    model = get_model(session, tenant_id, model_id)
     if repositories.jobs_using_model(session, model_id):
         raise Conflict(
             f"model {model_id!r} has jobs; delete is refused so their records stay complete",

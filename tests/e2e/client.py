@@ -1,4 +1,4 @@
-"""Small HTTP helpers shared by the end-to-end tests."""
+"""Small HTTP helpers shared by the end-to-end tests; each takes an authenticated client."""
 
 from __future__ import annotations
 
@@ -7,30 +7,28 @@ from pathlib import Path
 
 import httpx
 
-from tests.factories import CORPUS, checkpoint_files, make_checkpoint
+from tests.factories import CORPUS, checkpoint_files
 
 
-def upload_model(url: str, folder: Path) -> dict:
+def upload_model(client: httpx.Client, folder: Path, **form) -> dict:
     files = [("files", (name, data)) for name, data in checkpoint_files(folder)]
-    response = httpx.post(f"{url}/v1/models", files=files, data={"name": "tiny-gpt2"}, timeout=60)
+    response = client.post("/v1/models", files=files, data={"name": "tiny-gpt2", **form})
     assert response.status_code == 201, response.text
     return response.json()
 
 
-def upload_dataset(url: str, text: str = CORPUS, filename: str = "corpus.txt") -> dict:
-    response = httpx.post(f"{url}/v1/datasets", files={"file": (filename, text.encode())}, timeout=60)
+def upload_dataset(client: httpx.Client, text: str = CORPUS, filename: str = "corpus.txt") -> dict:
+    response = client.post("/v1/datasets", files={"file": (filename, text.encode())})
     assert response.status_code == 201, response.text
     return response.json()
 
 
-def wait_for(url: str, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 240) -> dict:
+def wait_for(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "cancelled"),
+             timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        job = client.get(f"/v1/jobs/{job_id}").json()
         if job["status"] in statuses:
             return job
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
-
-
-__all__ = ["upload_model", "upload_dataset", "wait_for", "make_checkpoint"]

@@ -93,7 +93,19 @@ class ServiceStack:
             self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
                                 "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_healthy()
+        self.admin_key = self.create_key("tenant-a", admin=True)
+        self.client = self.client_for(self.admin_key)
         return self
+
+    def create_key(self, tenant: str, admin: bool = False) -> str:
+        """A key made the way an operator makes the first one: the admin CLI."""
+        args = [sys.executable, "-m", "app.admin", "create-key", "--tenant", tenant, "--name", "test"]
+        result = subprocess.run(args + (["--admin"] if admin else []), cwd=ROOT, env=self.env,
+                                check=True, capture_output=True, text=True)
+        return result.stdout.strip().splitlines()[-1]
+
+    def client_for(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
     def _wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ import io
 import json
 import zipfile
 
-import httpx
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from tests.factories import checkpoint_files, make_checkpoint
 
 
 def _stored(stack) -> tuple[int, set[str], set[str]]:
-    models = httpx.get(f"{stack.url}/v1/models", params={"limit": 100}).json()["data"]
+    models = stack.client.get("/v1/models", params={"limit": 100}).json()["data"]
     return len(models), _names(stack.storage_root / "models"), _names(stack.storage_root / "tmp")
 
 
@@ -24,7 +23,7 @@ def _names(folder) -> set[str]:
 
 
 def _post_files(stack, files):
-    return httpx.post(f"{stack.url}/v1/models", files=files, timeout=60)
+    return stack.client.post("/v1/models", files=files)
 
 
 @pytest.fixture(scope="module")
@@ -79,57 +78,57 @@ def test_config_with_auto_map_is_refused(snapshot, good_files):
 
 
 def test_unknown_job_method_is_422_with_the_field(snapshot, tmp_path):
-    model = upload_model(snapshot.url, make_checkpoint(tmp_path / "m"))
+    model = upload_model(snapshot.client, make_checkpoint(tmp_path / "m"))
     snapshot._before = _stored(snapshot)
-    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+    response = snapshot.client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "alchemy", "sparsity": 0.5}]})
     _assert_refused(snapshot, response, 422, "unknown stage", param="stages.0.method")
-    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+    response = snapshot.client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "magnitude", "sparsity": 1.5}]})
     _assert_refused(snapshot, response, 422, "less than 1", param="stages.0.sparsity")
-    assert httpx.get(f"{snapshot.url}/v1/jobs", params={"model_id": model["id"]}).json()["data"] == []
+    assert snapshot.client.get("/v1/jobs", params={"model_id": model["id"]}).json()["data"] == []
 
 
 def test_job_on_missing_model_is_404(snapshot):
-    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+    response = snapshot.client.post("/v1/jobs", json={
         "model_id": "mdl_doesnotexist", "stages": [{"type": "quantize", "method": "rtn"}]})
     _assert_refused(snapshot, response, 404, "no model", param="model_id")
 
 
 def test_job_on_missing_dataset_is_404(snapshot, tmp_path):
-    model = upload_model(snapshot.url, make_checkpoint(tmp_path / "m"))
+    model = upload_model(snapshot.client, make_checkpoint(tmp_path / "m"))
     snapshot._before = _stored(snapshot)
-    response = httpx.post(f"{snapshot.url}/v1/jobs", json={
+    response = snapshot.client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "quantize", "method": "rtn"}],
         "evaluation": {"dataset_id": "ds_nope"}})
     _assert_refused(snapshot, response, 404, "no dataset", param="evaluation.dataset_id")
 
 
 def test_bad_datasets_are_refused(stack):
-    before = httpx.get(f"{stack.url}/v1/datasets").json()["data"]
+    before = stack.client.get("/v1/datasets").json()["data"]
     for filename, body, word in [("data.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),
                                  ("data.jsonl", b'{"content": "x"}\n', "text"),
                                  ("data.txt", b"\xff\xfe\x00bad", "utf-8"),
                                  ("data.csv", b"a,b", ".txt")]:
-        response = httpx.post(f"{stack.url}/v1/datasets", files={"file": (filename, body)})
+        response = stack.client.post("/v1/datasets", files={"file": (filename, body)})
         assert response.status_code == 400, response.text
         assert word in response.json()["error"]["message"].lower()
         assert response.json()["error"]["param"] == "file"
-    assert httpx.get(f"{stack.url}/v1/datasets").json()["data"] == before
+    assert stack.client.get("/v1/datasets").json()["data"] == before
 
 
 def test_cancel_finished_job_is_409_and_missing_is_404(stack, tmp_path):
-    response = httpx.post(f"{stack.url}/v1/jobs/job_nope/cancel")
+    response = stack.client.post("/v1/jobs/job_nope/cancel")
     assert response.status_code == 404 and response.json()["error"]["param"] == "job_id"
-    response = httpx.get(f"{stack.url}/v1/jobs/job_nope/artifact")
+    response = stack.client.get("/v1/jobs/job_nope/artifact")
     assert response.status_code == 404
 
 
 def test_model_and_dataset_delete(stack, tmp_path):
-    model = upload_model(stack.url, make_checkpoint(tmp_path / "m"))
-    dataset = upload_dataset(stack.url)
-    assert httpx.delete(f"{stack.url}/v1/models/{model['id']}").json()["deleted"] is True
-    assert httpx.get(f"{stack.url}/v1/models/{model['id']}").status_code == 404
+    model = upload_model(stack.client, make_checkpoint(tmp_path / "m"))
+    dataset = upload_dataset(stack.client)
+    assert stack.client.delete(f"/v1/models/{model['id']}").json()["deleted"] is True
+    assert stack.client.get(f"/v1/models/{model['id']}").status_code == 404
     assert not (stack.storage_root / "models" / model["id"]).exists()
-    assert httpx.delete(f"{stack.url}/v1/datasets/{dataset['id']}").status_code == 200
-    assert httpx.get(f"{stack.url}/v1/datasets/{dataset['id']}").status_code == 404
+    assert stack.client.delete(f"/v1/datasets/{dataset['id']}").status_code == 200
+    assert stack.client.get(f"/v1/datasets/{dataset['id']}").status_code == 404

@@ -8,7 +8,6 @@ import hashlib
 import io
 import tarfile
 
-import httpx
 import pytest
 import torch
 from safetensors import safe_open
@@ -28,12 +27,12 @@ def _load_artifact(folder):
 
 
 def test_prune_quantize_job_end_to_end(stack, tmp_path):
-    url = stack.url
-    model = upload_model(url, make_checkpoint(tmp_path / "upload"))
+    client = stack.client
+    model = upload_model(client, make_checkpoint(tmp_path / "upload"))
     assert model["architecture"] == "GPT2LMHeadModel" and model["model_type"] == "gpt2"
     assert model["num_parameters"] == sum(p.numel() for p in _reference_model(tmp_path).parameters())
-    assert httpx.get(f"{url}/v1/models/{model['id']}").json()["sha256"] == model["sha256"]
-    dataset = upload_dataset(url)
+    assert client.get(f"/v1/models/{model['id']}").json()["sha256"] == model["sha256"]
+    dataset = upload_dataset(client)
 
     spec = {
         "model_id": model["id"],
@@ -42,17 +41,17 @@ def test_prune_quantize_job_end_to_end(stack, tmp_path):
         "calibration": {"dataset_id": dataset["id"], "samples": 4, "seq_len": 32},
         "evaluation": {"dataset_id": dataset["id"], "seq_len": 64, "stride": 32},
     }
-    created = httpx.post(f"{url}/v1/jobs", json=spec)
+    created = client.post("/v1/jobs", json=spec)
     assert created.status_code == 201, created.text
     assert created.json()["status"] in ("queued", "running")
-    job = wait_for(url, created.json()["id"])
+    job = wait_for(client, created.json()["id"])
     assert job["status"] == "succeeded", (job, stack.logs())
     assert job["progress"] == 1.0 and job["started_at"] and job["finished_at"]
-    listed = httpx.get(f"{url}/v1/jobs", params={"limit": 1}).json()
+    listed = client.get("/v1/jobs", params={"limit": 1}).json()
     assert listed["data"][0]["id"] == job["id"]
 
     # The download is what the headers and the job say it is.
-    response = httpx.get(job["artifact"]["url"], timeout=60)
+    response = client.get(job["artifact"]["url"])
     assert response.status_code == 200
     digest = hashlib.sha256(response.content).hexdigest()
     assert digest == response.headers["x-checksum-sha256"] == job["artifact"]["sha256"]

@@ -1,0 +1,74 @@
+"""API keys: ``Authorization: Bearer sqz_...``. Each key acts for one tenant; every object is
+looked up within that tenant, so another tenant's id is simply not found (404, never 403).
+
+Keys are created by an admin at ``/v1/api-keys``, the first one by the CLI::
+
+    python -m app.admin create-key --tenant acme --name ops --admin
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import ApiKey
+from app.db.session import get_session
+from app.errors import APIError
+
+KEY_PREFIX = "sqz_"
+
+
+class Unauthenticated(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class Forbidden(APIError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant every query is scoped to, and whether it may manage keys."""
+
+    tenant_id: str
+    key_id: str
+    is_admin: bool
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def principal_for(session: Session, authorization: str | None) -> Principal:
+    if not authorization:
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, secret = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secret.startswith(KEY_PREFIX):
+        raise Unauthenticated("malformed Authorization header: expected 'Bearer sqz_...'")
+    key = session.scalar(select(ApiKey).where(ApiKey.secret_sha256 == hash_secret(secret.strip())))
+    if key is None or key.revoked_at is not None:
+        raise Unauthenticated("invalid or revoked API key")
+    return Principal(tenant_id=key.tenant_id, key_id=key.id, is_admin=key.is_admin)
+
+
+def current_principal(request: Request, session: Session = Depends(get_session)) -> Principal:
+    principal = principal_for(session, request.headers.get("authorization"))
+    request.state.principal = principal  # for logs and idempotency
+    return principal
+
+
+def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this needs an admin key")
+    return principal
