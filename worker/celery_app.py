@@ -21,13 +21,14 @@ RUN_JOB = "squeeze.run_job"
 
 def _transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem://"):
-        queue = settings.broker_folder / "queue"
-        processed = settings.broker_folder / "processed"
-        queue.mkdir(parents=True, exist_ok=True)
-        processed.mkdir(parents=True, exist_ok=True)
+        queue, processed, control = (settings.broker_folder / name for name in ("queue", "processed", "control"))
+        for folder in (queue, processed, control):
+            folder.mkdir(parents=True, exist_ok=True)
         # One folder for both directions: producer and consumer are on the same machine.
+        # The control folder (broadcast commands) would otherwise land in the working directory.
         return {"data_folder_in": str(queue), "data_folder_out": str(queue),
-                "processed_folder": str(processed), "store_processed": False}
+                "processed_folder": str(processed), "store_processed": False,
+                "control_folder": str(control)}
     # Redis re-delivers an unacknowledged message after the visibility timeout: it must be
     # longer than the longest job, or a healthy long job would be started a second time.
     return {"visibility_timeout": settings.job_time_limit_s + 3600}
