@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import datasets, health, jobs, keys, models
+from app.api import datasets, events, health, jobs, keys, models
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -56,7 +56,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit)
-    for router in (models.router, datasets.router, jobs.router, keys.router):
+    for router in (models.router, datasets.router, jobs.router, events.router, keys.router):
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
     return app

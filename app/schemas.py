@@ -121,3 +121,13 @@ class ApiKeyOut(BaseModel):
 
 class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="the secret: shown once, store it now")
+
+
+class JobEventOut(BaseModel):
+    id: int = Field(description="increasing; use as the cursor")
+    object: Literal["job.event"] = "job.event"
+    job_id: str
+    type: Literal["status", "stage", "progress", "metric", "warning", "error"]
+    message: str
+    data: dict[str, Any]
+    created_at: datetime

@@ -23,6 +23,7 @@ from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, Job, JobStatus, Model, utcnow
 from app.db.session import session_scope
+from app.services import events
 from app.specs import JobSpec, stage_name
 from app.storage import get_store, sha256_file
 from worker.celery_app import RUN_JOB, app
@@ -34,6 +35,10 @@ log = logging.getLogger("squeeze.worker")
 def run_job(job_id: str) -> None:
     with session_scope() as session:
         claimed = repositories.claim_job(session, job_id, utcnow())
+        if claimed:
+            job = session.get(Job, job_id)
+            events.record(session, job, "status", f"job running (attempt {job.attempts})",
+                          status=JobStatus.RUNNING.value, attempt=job.attempts)
     if not claimed:
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
@@ -58,6 +63,7 @@ class JobRunner:
     _last_progress_write: float = 0.0
     _last_cancel_check: float = 0.0
     _cancel_seen: bool = False
+    _last_logged_tenth: int = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -87,9 +93,14 @@ class JobRunner:
         if error:
             values.update(error_type=error[0], error_message=error[1])
         with session_scope() as session:
-            session.execute(
+            result = session.execute(
                 update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value).values(**values)
             )
+            if result.rowcount:  # the status event commits with the status itself
+                job = session.get(Job, self.job_id)
+                if error:
+                    events.record(session, job, "error", error[1], error_type=error[0])
+                events.record(session, job, "status", f"job {status.value}", status=status.value)
 
     # -- the work -------------------------------------------------------------------------
 
@@ -138,6 +149,7 @@ class JobRunner:
             eval_window = evaluation.seq_len or min(context, 1024)
             stride = evaluation.stride or max(1, eval_window // 2)
             before["perplexity"] = evaluate.perplexity(model, eval_ids, eval_window, stride, device)
+            self._event("metric", f"perplexity before: {before['perplexity']:.4g}", perplexity_before=before["perplexity"])
 
         batches = None
         if spec.calibration:
@@ -159,6 +171,7 @@ class JobRunner:
 
         stage_metrics = run_pipeline(model, spec.stages, ctx, on_stage_start=on_stage_start)
         model = ctx.model
+        self._event("metric", "stages finished", stages=stage_metrics)
 
         self._enter(phases, phases.names.index("export"))
         fmt = spec.output.format
@@ -174,6 +187,7 @@ class JobRunner:
         if evaluation:
             self._enter(phases, phases.names.index("evaluate.after"))
             after["perplexity"] = evaluate.perplexity(artifact_model, eval_ids, eval_window, stride, device)
+            self._event("metric", f"perplexity after: {after['perplexity']:.4g}", perplexity_after=after["perplexity"])
         ctx.check_cancelled()
 
         tar_path = staging / "artifact.tar"
@@ -227,7 +241,9 @@ class JobRunner:
 
     def _enter(self, phases: Phases, position: int, stage_index: int | None = None) -> None:
         phases.current = position
-        self._write_progress(phases.names[position], stage_index, phases.fraction(0.0))
+        name = phases.names[position]
+        self._write_progress(name, stage_index, phases.fraction(0.0))
+        self._event("stage", f"{name} started", stage=name, stage_index=stage_index)
 
     def _progress(self, phases: Phases, within: float) -> None:
         now = time.monotonic()
@@ -241,6 +257,15 @@ class JobRunner:
             values.update(stage_name=name, stage_index=stage_index)
         with session_scope() as session:
             session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+            # The log gets a progress line per tenth, not per write.
+            if int(progress * 10) > self._last_logged_tenth:
+                self._last_logged_tenth = int(progress * 10)
+                events.record(session, session.get(Job, self.job_id), "progress",
+                              f"{progress:.0%} done", progress=round(progress, 4))
+
+    def _event(self, type: str, message: str, **data) -> None:
+        with session_scope() as session:
+            events.record(session, session.get(Job, self.job_id), type, message, **data)
 
     def _should_cancel(self) -> bool:
         # One small query a second at most: cancel takes effect within seconds, not per layer.

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.db import repositories
 from app.db.models import Job, JobStatus, Model, new_id, utcnow
 from app.errors import APIError, Conflict, NotFound
+from app.services import events
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.specs import JobSpec
@@ -40,6 +41,7 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
     )
     session.add(job)
+    events.record(session, job, "status", "job queued", status=JobStatus.QUEUED.value)
     session.commit()
     enqueue(session, job)
     return job
@@ -90,11 +92,13 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one when the engine next checks (between
     layers and steps); a finished one cannot be cancelled."""
     job = get_job(session, tenant_id, job_id)
-    if repositories.cancel_if_queued(session, job_id, utcnow()) or repositories.request_cancel(
-        session, job_id
-    ):
-        session.commit()
+    if repositories.cancel_if_queued(session, job_id, utcnow()):
+        events.record(session, job, "status", "job cancelled before it started", status=JobStatus.CANCELLED.value)
+    elif repositories.request_cancel(session, job_id):
+        events.record(session, job, "warning", "cancel requested; the job stops at the next layer or step")
+    else:
         session.refresh(job)
-        return job
+        raise Conflict(f"job {job_id!r} is already {job.status}", param="job_id")
+    session.commit()
     session.refresh(job)
-    raise Conflict(f"job {job_id!r} is already {job.status}", param="job_id")
+    return job
