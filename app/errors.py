@@ -138,7 +138,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "No API key, or an invalid or revoked one.",
         403: "The key may not do this (an admin key is needed).",
         404: "The object does not exist.",
-        409: "The request conflicts with the object's current state.",
+        409: "The request conflicts with the object's current state, or reuses an "
+        "Idempotency-Key with a different body.",
         413: "The request body or file is larger than the limits.",
         422: "A field failed validation; `param` names it.",
         429: "Too many requests or jobs for this tenant.",

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app.api import datasets, events, health, jobs, keys, models
 from app.config import get_settings
 from app.errors import install_error_handlers
+from app.idempotency import IdempotencyMiddleware
 from app.limits import BodySizeLimit
 
 log = logging.getLogger("squeeze.api")
@@ -55,6 +56,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Last added runs first: oversized bodies are refused before anything else reads them.
+    app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit)
     for router in (models.router, datasets.router, jobs.router, events.router, keys.router):
         app.include_router(router, prefix=settings.api_prefix)

@@ -41,7 +41,7 @@ def job_out(job: Job, request: Request) -> dict:
     }
 
 
-@router.post("", status_code=201, response_model=JobOut, responses=error_responses(400, 404, 422))
+@router.post("", status_code=201, response_model=JobOut, responses=error_responses(400, 404, 409, 422))
 def create_job(
     spec: JobSpec,
     request: Request,
@@ -77,7 +77,7 @@ def get_job(
     return job_out(service.get_job(session, principal.tenant_id, job_id), request)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 422))
 def cancel_job(
     job_id: str,
     request: Request,

@@ -17,7 +17,7 @@ from app.services import keys as service
 router = APIRouter(prefix="/api-keys", tags=["api-keys"], responses=error_responses(401, 403))
 
 
-@router.post("", status_code=201, response_model=ApiKeyCreated, responses=error_responses(422))
+@router.post("", status_code=201, response_model=ApiKeyCreated, responses=error_responses(409, 422))
 def create_key(
     body: ApiKeyCreate, _: Principal = Depends(admin_principal), session: Session = Depends(get_session)
 ):
