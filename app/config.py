@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     )
 
     api_prefix: str = "/v1"
+    log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = 8000
 

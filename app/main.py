@@ -15,6 +15,7 @@ from app.config import get_settings
 from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware
 from app.limits import BodySizeLimit
+from app.observability import RequestContext, configure_logging
 
 log = logging.getLogger("squeeze.api")
 
@@ -49,6 +50,7 @@ async def lifespan(_: FastAPI):
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    configure_logging(settings.log_level)
     app = FastAPI(
         title="Squeeze",
         version="0.1.0",
@@ -56,9 +58,11 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    # Last added runs first: oversized bodies are refused before anything else reads them.
+    # Last added runs first: oversized bodies are refused before anything else reads them,
+    # and every request, refused or not, gets an id, a log line and a latency observation.
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit)
+    app.add_middleware(RequestContext)
     for router in (models.router, datasets.router, jobs.router, events.router, keys.router):
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)

@@ -13,6 +13,7 @@ died is given back to the queue (reject on worker lost), and every job has a tim
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import setup_logging
 
 from app.config import Settings, get_settings
 
@@ -58,6 +59,14 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+
+
+@setup_logging.connect
+def _json_logs(**_kwargs) -> None:
+    # Celery would install its own text handlers; one JSON format everywhere instead.
+    from app.observability import configure_logging
+
+    configure_logging(get_settings().log_level)
 
 
 def send_run_job(job_id: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app.db.session import get_engine
@@ -15,6 +15,16 @@ router = APIRouter(tags=["health"])
 def healthz() -> dict:
     """The process is up."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def metrics() -> Response:
+    """Prometheus metrics: request latency, jobs by status, queue depth, job duration by method."""
+    from app.observability import metrics_payload
+
+    body, content_type = metrics_payload()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/readyz", responses={503: {"description": "the database or the broker is unreachable"}})
