@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     progress_interval_s: float = 0.5
 
+    # Webhooks: seconds to wait before each retry; after the last one the delivery is failed.
+    webhook_backoff_s: list[float] = [5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600]
+    webhook_timeout_s: float = 10.0
+    webhook_dispatcher: bool = Field(default=True, description="run the delivery thread in the API process")
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

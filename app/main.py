@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware
 from app.limits import BodySizeLimit
 from app.observability import RequestContext, configure_logging
+from app.webhooks import Dispatcher
 
 log = logging.getLogger("squeeze.api")
 
@@ -45,7 +46,12 @@ async def lifespan(_: FastAPI):
             log.info("re-sent %d queued jobs to the broker", sent)
     except Exception:  # startup must not fail because the broker or database is still coming up
         log.exception("could not re-send queued jobs at startup")
+    dispatcher = Dispatcher() if get_settings().webhook_dispatcher else None
+    if dispatcher:
+        dispatcher.start()
     yield
+    if dispatcher:
+        dispatcher.stop()
 
 
 def create_app() -> FastAPI:

@@ -123,6 +123,27 @@ class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="the secret: shown once, store it now")
 
 
+class WebhookAttemptOut(BaseModel):
+    attempted_at: datetime
+    status_code: int | None = Field(description="the receiver's answer; null when it could not be reached")
+    error: str | None
+    duration_ms: float
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="the webhook-id header, the same on every retry")
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    event_id: int
+    event_type: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+    attempt_log: list[WebhookAttemptOut]
+
+
 class JobEventOut(BaseModel):
     id: int = Field(description="increasing; use as the cursor")
     object: Literal["job.event"] = "job.event"

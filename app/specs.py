@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
+from pydantic import (AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
                       field_validator, model_validator)
 
 
@@ -307,6 +307,23 @@ class OutputSpec(_Strict):
     format: Literal["auto", "dense", "compressed-tensors"] = "auto"
 
 
+WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled",
+                  "job.stage", "job.progress", "job.metric", "job.warning", "job.error")
+
+
+class WebhookSpec(_Strict):
+    """Where to announce the job's events, signed the Standard Webhooks way: headers
+    ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256 of
+    "{id}.{timestamp}.{body}" keyed by the base64-decoded part of the secret after "whsec_">``.
+    The secret is yours; it is stored to sign and never shown again."""
+
+    url: AnyHttpUrl
+    events: list[Literal[WEBHOOK_EVENTS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"], min_length=1
+    )
+    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/]{22,}={0,2}$", description="whsec_ + base64 of 16+ random bytes")
+
+
 class JobSpec(_Strict):
     """What a client posts to ``POST /v1/jobs``."""
 
@@ -331,6 +348,7 @@ class JobSpec(_Strict):
     calibration: CalibrationSpec | None = Field(default=None, validate_default=True)
     evaluation: EvaluationSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    webhook: WebhookSpec | None = None
     metadata: Metadata = Field(default_factory=dict, description="your own labels, e.g. {\"team\": \"search\"}")
 
     @field_validator("calibration", mode="after")

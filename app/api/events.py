@@ -14,9 +14,10 @@ from app.auth import Principal, current_principal
 from app.db.models import Job, JobStatus
 from app.db.session import get_session, session_scope
 from app.errors import error_responses
-from app.schemas import JobEventOut, Page
+from app.schemas import JobEventOut, Page, WebhookDeliveryOut
 from app.services import events as service
 from app.services.jobs import get_job
+from app.webhooks import deliveries_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404))
 
@@ -59,6 +60,15 @@ def stream_events(
     cursor = after if after is not None else (int(last_event_id) if (last_event_id or "").isdigit() else None)
     return StreamingResponse(_events(job_id, cursor), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/webhook-deliveries", response_model=Page[WebhookDeliveryOut])
+def list_webhook_deliveries(
+    job_id: str, principal: Principal = Depends(current_principal), session: Session = Depends(get_session)
+):
+    """Every webhook delivery of the job, with each attempt's status code or error."""
+    get_job(session, principal.tenant_id, job_id)
+    return {"data": deliveries_for(session, job_id), "has_more": False}
 
 
 def _events(job_id: str, cursor: int | None) -> Iterator[str]:

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobEvent
+from app.db.models import Job, JobEvent, utcnow
+from app.webhooks import queue_for_event
 
 EVENT_TYPES = ("status", "stage", "progress", "metric", "warning", "error")
 
@@ -19,8 +20,10 @@ EVENT_TYPES = ("status", "stage", "progress", "metric", "warning", "error")
 def record(session: Session, job: Job, type: str, message: str, **data: Any) -> JobEvent:
     if type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type!r}")
-    event = JobEvent(job_id=job.id, tenant_id=job.tenant_id, type=type, message=message, data=data)
+    event = JobEvent(job_id=job.id, tenant_id=job.tenant_id, type=type, message=message, data=data,
+                     created_at=utcnow())
     session.add(event)
+    queue_for_event(session, job, event)
     return event
 
 

@@ -37,7 +37,11 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
         _check_stage_references(session, tenant_id, index, stage, model)
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, metadata_=spec.metadata,
-        spec=spec.model_dump(mode="json", exclude={"metadata"}),
+        # The webhook lives in its own columns: its secret must never be echoed in `spec`.
+        spec=spec.model_dump(mode="json", exclude={"metadata", "webhook"}),
+        webhook_url=str(spec.webhook.url) if spec.webhook else None,
+        webhook_events=spec.webhook.events if spec.webhook else None,
+        webhook_secret=spec.webhook.secret if spec.webhook else None,
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
     )
     session.add(job)
@@ -93,6 +97,7 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     layers and steps); a finished one cannot be cancelled."""
     job = get_job(session, tenant_id, job_id)
     if repositories.cancel_if_queued(session, job_id, utcnow()):
+        session.refresh(job)
         events.record(session, job, "status", "job cancelled before it started", status=JobStatus.CANCELLED.value)
     elif repositories.request_cancel(session, job_id):
         events.record(session, job, "warning", "cancel requested; the job stops at the next layer or step")

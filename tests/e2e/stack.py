@@ -36,7 +36,9 @@ class ServiceStack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                    "SQUEEZE_PORT": str(self.port), **env}
+                    "SQUEEZE_PORT": str(self.port),
+                    # Webhook retries in fractions of a second, so tests see several attempts.
+                    "SQUEEZE_WEBHOOK_BACKOFF_S": "[0.3, 0.3, 0.3]", **env}
         self.embedded_launcher = embedded_launcher
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
