@@ -190,6 +190,14 @@ def check_file_name(name: str) -> None:
     )
 
 
+def plain_file_name(raw: object) -> str:
+    """``raw`` if it is one plain file name (no folders, NUL, control characters, ``..``)."""
+    parts = _path_parts(raw)
+    if len(parts) != 1:
+        raise CheckpointError(f"{raw!r} must be a plain file name, without folders")
+    return parts[0]
+
+
 def _path_parts(raw: object) -> list[str]:
     """Split a client-supplied path into its components, refusing anything that could escape.
 

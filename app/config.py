@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_compression_ratio: float = 200.0
     max_safetensors_header_bytes: int = 64 * MiB
     max_model_parameters: int = 200_000_000_000
+    max_tenant_storage_bytes: int = 1024 * GiB  # models + datasets + artifacts of one tenant
+    upload_part_max_bytes: int = 64 * MiB
+    upload_ttl_s: int = 7 * 24 * 3600
 
     # Worker behaviour for long jobs.
     worker_concurrency: int = 1

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import datasets, events, health, jobs, keys, models
+from app.api import datasets, events, health, jobs, keys, models, uploads
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware
@@ -30,6 +30,8 @@ def _body_limit(path: str) -> int:
         return settings.max_upload_bytes + JSON_BODY_LIMIT  # room for multipart framing
     if path.startswith(f"{prefix}/datasets"):
         return settings.max_dataset_bytes + JSON_BODY_LIMIT
+    if path.startswith(f"{prefix}/uploads/") and "/parts/" in path:
+        return settings.upload_part_max_bytes
     return JSON_BODY_LIMIT
 
 
@@ -69,7 +71,7 @@ def create_app() -> FastAPI:
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit)
     app.add_middleware(RequestContext)
-    for router in (models.router, datasets.router, jobs.router, events.router, keys.router):
+    for router in (models.router, datasets.router, jobs.router, events.router, keys.router, uploads.router):
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
     return app

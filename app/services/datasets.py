@@ -14,6 +14,7 @@ from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, Job, new_id
 from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
+from app.services.quotas import check_storage
 from app.storage import CHUNK, LocalStore
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl"}
@@ -71,6 +72,7 @@ def create_dataset(
             records = 1
         if size == 0 or records == 0:
             raise APIError("dataset is empty", param="file")
+        check_storage(session, tenant_id, size, param="file")
         dataset = Dataset(
             id=new_id("ds"), tenant_id=tenant_id, metadata_=metadata or {}, name=(name or filename or "dataset")[:200], format=fmt,
             filename=stored_name, num_records=records, size_bytes=size, sha256=digest.hexdigest(),

@@ -12,6 +12,7 @@ from app.config import get_settings
 from app.db import repositories
 from app.db.models import Model, new_id
 from app.errors import APIError, Conflict, NotFound
+from app.services.quotas import check_storage
 from app.storage import LocalStore
 
 
@@ -36,6 +37,7 @@ def create_model(
     try:
         stage_upload(files, staging, limits)
         info = inspect_checkpoint(staging, limits)
+        check_storage(session, tenant_id, info.size_bytes)
         model = Model(
             id=new_id("mdl"),
             tenant_id=tenant_id,

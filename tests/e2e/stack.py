@@ -38,7 +38,9 @@ class ServiceStack:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "SQUEEZE_PORT": str(self.port),
                     # Webhook retries in fractions of a second, so tests see several attempts.
-                    "SQUEEZE_WEBHOOK_BACKOFF_S": "[0.3, 0.3, 0.3]", **env}
+                    "SQUEEZE_WEBHOOK_BACKOFF_S": "[0.3, 0.3, 0.3]",
+                    # Small enough that a test can reach it, large enough for the suite's models.
+                    "SQUEEZE_MAX_TENANT_STORAGE_BYTES": str(200 * 1024 * 1024), **env}
         self.embedded_launcher = embedded_launcher
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))

@@ -1,0 +1,181 @@
+"""Resumable uploads for checkpoints of many GB.
+
+    POST   /v1/uploads                      {"filename", "size_bytes", "purpose", "part_size"}
+    PUT    /v1/uploads/{id}/parts/{n}       raw bytes of part n (1-based), any order, re-sendable
+    POST   /v1/uploads/{id}/complete        {"sha256"}: assemble, verify, then ingest as a model
+                                            (an archive) or a dataset (a .txt/.jsonl file)
+
+Parts are streamed to disk as they arrive and assembled by streaming too: no part is ever held
+in memory. Sizes are checked on arrival (every part but the last is exactly ``part_size``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.checkpoints import ARCHIVE_SUFFIXES, CheckpointError, plain_file_name
+from app.config import get_settings
+from app.db.models import Upload, UploadPart, new_id, utcnow
+from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
+from app.services import datasets as dataset_service
+from app.services import models as model_service
+from app.services.quotas import check_storage
+from app.storage import CHUNK, LocalStore
+
+MAX_PARTS = 10_000
+
+
+def parts_dir(store: LocalStore, upload_id: str) -> Path:
+    return store.root / "tmp" / f"upload-{upload_id}"
+
+
+def expected_parts(upload: Upload) -> int:
+    return max(1, math.ceil(upload.size_bytes / upload.part_size))
+
+
+def expected_part_size(upload: Upload, number: int) -> int:
+    if number < expected_parts(upload):
+        return upload.part_size
+    return upload.size_bytes - upload.part_size * (expected_parts(upload) - 1)
+
+
+def create_upload(session: Session, store: LocalStore, tenant_id: str, filename: str, size_bytes: int,
+                  purpose: str, part_size: int) -> Upload:
+    settings = get_settings()
+    try:
+        filename = plain_file_name(filename)
+    except CheckpointError as exc:
+        raise APIError(exc.message, param="filename") from exc
+    allowed = ARCHIVE_SUFFIXES if purpose == "model" else tuple(dataset_service.FORMATS)
+    if not filename.lower().endswith(allowed):
+        raise APIError(f"a {purpose} upload is one file ending in {', '.join(allowed)}", param="filename")
+    limit = settings.max_upload_bytes if purpose == "model" else settings.max_dataset_bytes
+    if size_bytes > limit:
+        raise PayloadTooLarge(f"a {purpose} upload is limited to {limit} bytes", param="size_bytes")
+    if part_size > settings.upload_part_max_bytes:
+        raise APIError(f"part_size is at most {settings.upload_part_max_bytes}", param="part_size", status_code=422)
+    if math.ceil(size_bytes / part_size) > MAX_PARTS:
+        raise APIError(f"at most {MAX_PARTS} parts: raise part_size", param="part_size", status_code=422)
+    check_storage(session, tenant_id, size_bytes, param="size_bytes")
+    upload = Upload(id=new_id("upl"), tenant_id=tenant_id, filename=filename, purpose=purpose,
+                    size_bytes=size_bytes, part_size=part_size, status="pending",
+                    expires_at=utcnow() + timedelta(seconds=settings.upload_ttl_s))
+    parts_dir(store, upload.id).mkdir(parents=True)
+    session.add(upload)
+    session.commit()
+    return upload
+
+
+def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.tenant_id != tenant_id:
+        raise NotFound(f"no upload {upload_id!r}", param="upload_id")
+    return upload
+
+
+def parts_of(session: Session, upload_id: str) -> list[UploadPart]:
+    return list(session.scalars(select(UploadPart).where(UploadPart.upload_id == upload_id).order_by(UploadPart.part_number)))
+
+
+def _pending(upload: Upload) -> None:
+    if upload.status != "pending":
+        raise Conflict(f"upload {upload.id!r} is {upload.status}", param="upload_id")
+    if upload.expires_at.replace(tzinfo=upload.expires_at.tzinfo or utcnow().tzinfo) < utcnow():
+        raise Conflict(f"upload {upload.id!r} expired; start a new one", param="upload_id")
+
+
+class PartWriter:
+    """Streams one part to a temporary file, checking its size as it comes; ``finish`` returns
+    (temporary path, size, sha256) for ``save_part`` to publish. ``discard`` on any failure."""
+
+    def __init__(self, store: LocalStore, upload: Upload, number: int):
+        _pending(upload)
+        if not 1 <= number <= expected_parts(upload):
+            raise APIError(f"part number must be 1..{expected_parts(upload)}", param="part_number", status_code=422)
+        self.number, self.expected = number, expected_part_size(upload, number)
+        self.path = parts_dir(store, upload.id) / f".part-{number:05d}-{os.urandom(4).hex()}"
+        self.file = self.path.open("wb")
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.expected:
+            raise APIError(f"part {self.number} must be {self.expected} bytes", param="part_number")
+        self.digest.update(chunk)
+        self.file.write(chunk)
+
+    def finish(self) -> tuple[Path, int, str]:
+        self.file.close()
+        if self.size != self.expected:
+            raise APIError(f"part {self.number} must be {self.expected} bytes, got {self.size}", param="part_number")
+        return self.path, self.size, self.digest.hexdigest()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def save_part(session: Session, store: LocalStore, upload: Upload, number: int, temporary: Path,
+              size: int, sha256: str) -> UploadPart:
+    # The rename makes a re-sent part replace the old one whole; the row follows it.
+    os.replace(temporary, parts_dir(store, upload.id) / f"part-{number:05d}")
+    part = session.scalar(select(UploadPart).where(UploadPart.upload_id == upload.id, UploadPart.part_number == number))
+    if part is None:
+        part = UploadPart(upload_id=upload.id, part_number=number)
+        session.add(part)
+    part.size_bytes, part.sha256, part.received_at = size, sha256, utcnow()
+    session.commit()
+    return part
+
+
+def complete_upload(session: Session, store: LocalStore, upload: Upload, sha256: str,
+                    name: str | None, metadata: dict[str, str]) -> Upload:
+    _pending(upload)
+    received = {p.part_number for p in parts_of(session, upload.id)}
+    missing = [n for n in range(1, expected_parts(upload) + 1) if n not in received]
+    if missing:
+        raise Conflict(f"parts missing: {missing[:20]}", param="parts")
+    folder = parts_dir(store, upload.id)
+    assembled = folder / "assembled"
+    digest = hashlib.sha256()
+    with assembled.open("wb") as out:
+        for number in range(1, expected_parts(upload) + 1):
+            with (folder / f"part-{number:05d}").open("rb") as part:
+                while chunk := part.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != sha256.lower():
+        assembled.unlink()
+        raise APIError(f"sha256 mismatch: the parts assemble to {digest.hexdigest()}; re-send the parts "
+                       "that differ and complete again", param="sha256")
+    with assembled.open("rb") as stream:
+        result = _ingest(session, store, upload, stream, name, metadata)
+    upload.status, upload.result_id = "completed", result
+    session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    return upload
+
+
+def _ingest(session, store, upload: Upload, stream: BinaryIO, name, metadata) -> str:
+    if upload.purpose == "model":
+        model = model_service.create_model(session, store, upload.tenant_id, [(upload.filename, stream)], name, metadata)
+        return model.id
+    dataset = dataset_service.create_dataset(session, store, upload.tenant_id, upload.filename, stream, name, metadata)
+    return dataset.id
+
+
+def abort_upload(session: Session, store: LocalStore, upload: Upload) -> Upload:
+    _pending(upload)
+    upload.status = "aborted"
+    session.commit()
+    shutil.rmtree(parts_dir(store, upload.id), ignore_errors=True)
+    return upload

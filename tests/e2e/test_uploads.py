@@ -1,0 +1,89 @@
+"""Resumable uploads: parts in any order, a retried part replaces, sha256 verified on completion."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from tests.factories import make_checkpoint
+
+PART = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> bytes:
+    folder = make_checkpoint(tmp_path_factory.mktemp("m") / "tiny-gpt2")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname="tiny-gpt2")
+    return buffer.getvalue()
+
+
+def _start(client, data: bytes, **extra):
+    body = {"filename": "tiny-gpt2.tar.gz", "size_bytes": len(data), "purpose": "model", "part_size": PART, **extra}
+    response = client.post("/v1/uploads", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_parts_out_of_order_with_a_retry_assemble_to_a_model(pg_stack, archive):
+    client = pg_stack.client
+    upload = _start(client, archive)
+    parts = [archive[i:i + PART] for i in range(0, len(archive), PART)]
+    assert upload["parts_expected"] == len(parts) >= 3
+    order = list(range(len(parts)))[::-1]  # last part first
+    for index in order:
+        data = parts[index]
+        if index == 1:  # a first attempt that got corrupted in transit, then re-sent
+            corrupted = bytes([data[0] ^ 0xFF]) + data[1:]
+            assert client.put(f"/v1/uploads/{upload['id']}/parts/2", content=corrupted).status_code == 200
+        response = client.put(f"/v1/uploads/{upload['id']}/parts/{index + 1}", content=data)
+        assert response.status_code == 200, response.text
+        assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    state = client.get(f"/v1/uploads/{upload['id']}").json()
+    assert [p["part_number"] for p in state["parts"]] == list(range(1, len(parts) + 1))
+
+    done = client.post(f"/v1/uploads/{upload['id']}/complete",
+                       json={"sha256": hashlib.sha256(archive).hexdigest(), "name": "resumed"})
+    assert done.status_code == 201, done.text
+    model = client.get(f"/v1/models/{done.json()['model_id']}").json()
+    assert model["name"] == "resumed" and model["architecture"] == "GPT2LMHeadModel"
+    assert client.post(f"/v1/uploads/{upload['id']}/complete",
+                       json={"sha256": hashlib.sha256(archive).hexdigest()}).status_code == 409
+
+
+def test_wrong_sha_missing_parts_and_bad_sizes_are_refused(pg_stack, archive):
+    client = pg_stack.client
+    upload = _start(client, archive)
+    parts = [archive[i:i + PART] for i in range(0, len(archive), PART)]
+    url = f"/v1/uploads/{upload['id']}"
+    assert client.put(f"{url}/parts/1", content=parts[0] + b"x").status_code == 400
+    assert client.put(f"{url}/parts/1", content=parts[0][:-1]).status_code == 400
+    assert client.put(f"{url}/parts/{len(parts) + 1}", content=b"x").status_code == 422
+    client.put(f"{url}/parts/1", content=parts[0])
+    missing = client.post(f"{url}/complete", json={"sha256": "0" * 64})
+    assert missing.status_code == 409 and missing.json()["error"]["param"] == "parts"
+    for number, data in enumerate(parts[1:], start=2):
+        client.put(f"{url}/parts/{number}", content=data)
+    wrong = client.post(f"{url}/complete", json={"sha256": "0" * 64})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "sha256"
+    assert client.delete(url).json()["status"] == "aborted"
+    assert client.put(f"{url}/parts/1", content=parts[0]).status_code == 409
+
+
+def test_limits_answer_413(pg_stack):
+    client = pg_stack.client
+    too_big = client.post("/v1/uploads", json={"filename": "x.tar.gz", "size_bytes": 10**13, "purpose": "model"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "size_bytes"
+    over_quota = client.post("/v1/uploads", json={"filename": "d.jsonl", "size_bytes": 300 * 1024 * 1024,
+                                                   "purpose": "dataset"})
+    assert over_quota.status_code == 413 and "storage limit" in over_quota.json()["error"]["message"]
+    bad_name = client.post("/v1/uploads", json={"filename": "../x.tar.gz", "size_bytes": 10, "purpose": "model"})
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "filename"
+    other = pg_stack.client_for(pg_stack.create_key("tenant-uploads"))
+    upload = client.post("/v1/uploads", json={"filename": "d.txt", "size_bytes": 10, "purpose": "dataset"}).json()
+    assert other.get(f"/v1/uploads/{upload['id']}").status_code == 404
+    assert other.put(f"/v1/uploads/{upload['id']}/parts/1", content=b"0123456789").status_code == 404
