@@ -28,7 +28,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _type_and_method_required(schema: dict[str, Any]) -> None:
+    # Defaults make Python construction short (PruneMagnitude(sparsity=0.5)); on the wire the
+    # pair selects the method, so the JSON schema requires both.
+    schema["required"] = sorted({*schema.get("required", []), "type", "method"})
+
+
 class _StageConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_type_and_method_required)
     # Data-aware methods look at activations: the job must then carry a calibration section.
     requires_calibration: ClassVar[bool] = False
 
@@ -42,7 +49,8 @@ class _Unstructured(_StageConfig):
     run fast). With a pattern the sparsity follows from it and may be left out."""
 
     sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of weights set to zero")
-    pattern: str = Field(default="unstructured", description='"unstructured", or N:M such as "2:4" or "4:8"')
+    pattern: str = Field(default="unstructured", pattern=r"^(unstructured|[1-9][0-9]?:[1-9][0-9]?)$",
+                         description='"unstructured", or N:M such as "2:4" or "4:8"')
 
     @model_validator(mode="after")
     def _sparsity_matches_pattern(self):
