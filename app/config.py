@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     job_soft_time_limit_s: int = 6 * 3600 - 60
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     progress_interval_s: float = 0.5
+    job_lease_s: float = 60.0  # a worker silent this long is presumed dead and its job retried
+    job_max_attempts: int = 3
+    job_memory_limit_bytes: int | None = None  # address-space limit of a job's worker process
+    reconcile_interval_s: float = 10.0
+    max_active_jobs_per_tenant: int = 20  # queued + running; more answers 429
 
     # Webhooks: seconds to wait before each retry; after the last one the delivery is failed.
     webhook_backoff_s: list[float] = [5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600]

@@ -51,6 +51,11 @@ class PayloadTooLarge(APIError):
     error_type = "payload_too_large"
 
 
+class TooManyRequests(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
 class ServiceUnavailable(APIError):
     status_code = 503
     error_type = "service_unavailable"

@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import datasets, events, health, jobs, keys, models, uploads
+from app.api import web
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware
 from app.limits import BodySizeLimit
 from app.observability import RequestContext, configure_logging
+from app.maintenance import Reconciler
 from app.webhooks import Dispatcher
 
 log = logging.getLogger("squeeze.api")
@@ -37,23 +39,14 @@ def _body_limit(path: str) -> int:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI):
-    # Jobs accepted while the broker was down are delivered now.
-    from app.db.session import session_scope
-    from app.services.jobs import resend_unsent
-
-    try:
-        with session_scope() as session:
-            sent = resend_unsent(session)
-        if sent:
-            log.info("re-sent %d queued jobs to the broker", sent)
-    except Exception:  # startup must not fail because the broker or database is still coming up
-        log.exception("could not re-send queued jobs at startup")
-    dispatcher = Dispatcher() if get_settings().webhook_dispatcher else None
-    if dispatcher:
-        dispatcher.start()
+    # Background threads: the reconciler (lost workers, jobs accepted while the broker was
+    # down: its first round runs at once) and the webhook dispatcher.
+    threads = [Reconciler()] + ([Dispatcher()] if get_settings().webhook_dispatcher else [])
+    for thread in threads:
+        thread.start()
     yield
-    if dispatcher:
-        dispatcher.stop()
+    for thread in threads:
+        thread.stop()
 
 
 def create_app() -> FastAPI:
@@ -74,6 +67,7 @@ def create_app() -> FastAPI:
     for router in (models.router, datasets.router, jobs.router, events.router, keys.router, uploads.router):
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
+    app.include_router(web.router)  # the browser client at /ui/ (not in the OpenAPI schema)
     return app
 
 

@@ -359,6 +359,17 @@ class JobSpec(_Strict):
     webhook: WebhookSpec | None = None
     metadata: Metadata = Field(default_factory=dict, description="your own labels, e.g. {\"team\": \"search\"}")
 
+    @field_validator("output", mode="after")
+    @classmethod
+    def _compressed_needs_quantization(cls, output: OutputSpec, info: ValidationInfo) -> OutputSpec:
+        # Current transformers reads compressed-tensors' integer layers, but loads its sparse
+        # layouts with random weights: a pruned-only artifact is written dense instead.
+        stages = info.data.get("stages", [])
+        if output.format == "compressed-tensors" and not any(s.type == "quantize" for s in stages):
+            raise ValueError("compressed-tensors output needs a quantize stage; pruned-only models are "
+                             "written dense (use format auto or dense)")
+        return output
+
     @field_validator("calibration", mode="after")
     @classmethod
     def _calibration_when_needed(cls, calibration, info: ValidationInfo):

@@ -31,10 +31,18 @@ class LocalStore:
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     # Temporary space on the same filesystem as the final paths, so rename is atomic.
-    def staging_dir(self) -> Path:
-        path = self.root / "tmp" / f"staging-{uuid.uuid4().hex}"
+    def staging_dir(self, owner: str = "") -> Path:
+        """A fresh private folder; ``owner`` (a job id) lets ``discard_staging`` find it later."""
+        path = self.root / "tmp" / f"staging-{owner + '-' if owner else ''}{uuid.uuid4().hex}"
         path.mkdir()
         return path
+
+    def discard_staging(self, owner: str) -> int:
+        """Remove the staging folders of ``owner``: what a killed worker could not clean up."""
+        stale = list((self.root / "tmp").glob(f"staging-{owner}-*"))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(stale)
 
     def path(self, kind: str, object_id: str) -> Path:
         if kind not in ("models", "datasets", "artifacts") or "/" in object_id or ".." in object_id:

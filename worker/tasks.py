@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tarfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, Job, JobStatus, Model, utcnow
 from app.db.session import session_scope
+from app.observability import job_id_var
 from app.services import events
 from app.specs import JobSpec, stage_name
 from app.storage import get_store, sha256_file
@@ -33,8 +37,11 @@ log = logging.getLogger("squeeze.worker")
 
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
+    job_id_var.set(job_id)  # every log line of this job carries its id
+    settings = get_settings()
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
-        claimed = repositories.claim_job(session, job_id, utcnow())
+        claimed = repositories.claim_job(session, job_id, utcnow(), worker_id, settings.job_lease_s)
         if claimed:
             job = session.get(Job, job_id)
             events.record(session, job, "status", f"job running (attempt {job.attempts})",
@@ -42,7 +49,51 @@ def run_job(job_id: str) -> None:
     if not claimed:
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
-    JobRunner(job_id).run()
+    _limit_memory(settings.job_memory_limit_bytes)
+    heartbeat = Heartbeat(job_id, worker_id, settings.job_lease_s)
+    heartbeat.start()
+    try:
+        JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat).run()
+    finally:
+        heartbeat.stop()
+
+
+def _limit_memory(limit: int | None) -> None:
+    """A job past its memory budget fails with MemoryError (a clear reason) instead of the
+    kernel's OOM killer taking the whole worker."""
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+class Heartbeat:
+    """Renews the job's lease a few times per lease period, from a thread, so that a long
+    layer or training step never looks like a dead worker. ``lost`` turns true when the lease
+    was taken over (this worker was presumed dead): the job must then stop without writing."""
+
+    def __init__(self, job_id: str, worker_id: str, lease_s: float):
+        self.job_id, self.worker_id, self.lease_s = job_id, worker_id, lease_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                with session_scope() as session:
+                    if not repositories.renew_lease(session, self.job_id, self.worker_id, utcnow(), self.lease_s):
+                        self.lost = True
+                        return
+            except Exception:  # the database may be restarting; the lease has slack
+                log.warning("heartbeat for job %s failed; will retry", self.job_id, exc_info=True)
 
 
 @dataclass
@@ -59,6 +110,8 @@ class Phases:
 @dataclass
 class JobRunner:
     job_id: str
+    worker_id: str | None = None
+    heartbeat: Heartbeat | None = None
     settings: object = field(default_factory=get_settings)
     _last_progress_write: float = 0.0
     _last_cancel_check: float = 0.0
@@ -71,11 +124,17 @@ class JobRunner:
         from worker.engine.pipeline import JobCancelled
 
         store = get_store()
-        staging = store.staging_dir()
+        staging = store.staging_dir(owner=self.job_id)
         try:
             metrics, artifact = self._execute(staging)
-            self._finish(JobStatus.SUCCEEDED, metrics=metrics, **artifact)
+            if self._finish(JobStatus.SUCCEEDED, metrics=metrics, **artifact):
+                self._remove_other_artifacts(store, keep=artifact["artifact_key"])
+            else:  # no longer ours (presumed dead, or cancelled meanwhile): leave no file behind
+                (store.path("artifacts", artifact["artifact_key"])).unlink(missing_ok=True)
         except JobCancelled:
+            if self.heartbeat is not None and self.heartbeat.lost:
+                log.warning("job %s was handed to another worker; this attempt stops", self.job_id)
+                return
             self._finish(JobStatus.CANCELLED)
         except SoftTimeLimitExceeded:
             self._finish(JobStatus.FAILED, error=("time_limit_exceeded",
@@ -86,21 +145,32 @@ class JobRunner:
         finally:
             store.discard(staging)
 
-    def _finish(self, status: JobStatus, *, metrics=None, error=None, **artifact) -> None:
-        values = {"status": status.value, "finished_at": utcnow(), "metrics": metrics}
+    def _remove_other_artifacts(self, store, keep: str) -> None:
+        # Attempts write under their own name; once one has won, the others' files go.
+        for path in (store.root / "artifacts").glob(f"{self.job_id}-attempt*.tar"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
+
+    def _finish(self, status: JobStatus, *, metrics=None, error=None, **artifact) -> bool:
+        values = {"status": status.value, "finished_at": utcnow(), "metrics": metrics,
+                  "lease_expires_at": None}
         if status is JobStatus.SUCCEEDED:
             values.update(progress=1.0, stage_name=None, stage_index=None, **artifact)
         if error:
             values.update(error_type=error[0], error_message=error[1])
         with session_scope() as session:
+            # Only the lease holder may finish the job: a worker presumed dead that wakes up
+            # later cannot overwrite the result of the attempt that replaced it.
+            owner = Job.worker_id == self.worker_id if self.worker_id else True
             result = session.execute(
-                update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value).values(**values)
+                update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value, owner).values(**values)
             )
             if result.rowcount:  # the status event commits with the status itself
                 job = session.get(Job, self.job_id)
                 if error:
                     events.record(session, job, "error", error[1], error_type=error[0])
                 events.record(session, job, "status", f"job {status.value}", status=status.value)
+            return bool(result.rowcount)
 
     # -- the work -------------------------------------------------------------------------
 
@@ -109,7 +179,7 @@ class JobRunner:
 
         from worker import evaluate
         from worker.engine import calibration as calib
-        from worker.engine.export import load_model, write_checkpoint
+        from worker.engine.export import load_model, resolve_format, write_checkpoint
         from worker.engine.pipeline import EngineContext, run_pipeline
 
         store = get_store()
@@ -174,9 +244,7 @@ class JobRunner:
         self._event("metric", "stages finished", stages=stage_metrics)
 
         self._enter(phases, phases.names.index("export"))
-        fmt = spec.output.format
-        if fmt == "auto":
-            fmt = "compressed-tensors" if ctx.quantized else "dense"
+        fmt = resolve_format(spec.output.format, ctx)
         out_dir = staging / "model"
         export_info = write_checkpoint(model, ctx, out_dir, fmt, source_dir)
         del model  # the artifact is what gets measured from here on
@@ -196,8 +264,12 @@ class JobRunner:
                 tar.add(path, arcname=path.name, recursive=False)
         digest = sha256_file(tar_path)
         after["artifact_bytes"] = tar_path.stat().st_size
-        key = f"{self.job_id}.tar"
-        # Same key on every attempt: a re-run replaces, it never adds a second artifact.
+        with session_scope() as session:
+            attempt = session.get(Job, self.job_id).attempts
+        # Each attempt publishes under its own name, and only the attempt that finishes the job
+        # is recorded (and keeps its file): a presumed-dead worker that wakes up late cannot
+        # replace the artifact that the job's sha256 describes.
+        key = f"{self.job_id}-attempt{attempt}.tar"
         os.replace(tar_path, store.path("artifacts", key))
 
         metrics = {
@@ -268,6 +340,9 @@ class JobRunner:
             events.record(session, session.get(Job, self.job_id), type, message, **data)
 
     def _should_cancel(self) -> bool:
+        # A lost lease stops the job like a cancel, but _finish then writes nothing.
+        if self.heartbeat is not None and self.heartbeat.lost:
+            return True
         # One small query a second at most: cancel takes effect within seconds, not per layer.
         now = time.monotonic()
         if not self._cancel_seen and now - self._last_cancel_check >= 1.0:

@@ -41,7 +41,7 @@ def job_out(job: Job, request: Request) -> dict:
     }
 
 
-@router.post("", status_code=201, response_model=JobOut, responses=error_responses(400, 404, 409, 422))
+@router.post("", status_code=201, response_model=JobOut, responses=error_responses(400, 404, 409, 422, 429))
 def create_job(
     spec: JobSpec,
     request: Request,

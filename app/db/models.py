@@ -137,6 +137,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The running worker renews its lease by heartbeat; a lease run out means the worker died.
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     # Where to announce the job's events; the secret signs them and is never shown again.
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import and_, or_, select, update
@@ -81,15 +81,37 @@ def unsent_jobs(session: Session) -> list[Job]:
     )
 
 
-def claim_job(session: Session, job_id: str, now) -> bool:
-    """Move a queued job to running in one statement; False when another delivery won or the
-    job was cancelled meanwhile. This is what makes a duplicated message harmless."""
+def claim_job(session: Session, job_id: str, now: datetime, worker_id: str, lease_s: float) -> bool:
+    """Move a queued job to running in one statement, under a lease held by ``worker_id``;
+    False when another delivery won or the job was cancelled meanwhile. This is what makes a
+    duplicated message harmless."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
-        .values(status=JobStatus.RUNNING.value, started_at=now, attempts=Job.attempts + 1)
+        .values(status=JobStatus.RUNNING.value, started_at=now, attempts=Job.attempts + 1,
+                worker_id=worker_id, lease_expires_at=now + timedelta(seconds=lease_s))
     )
     return result.rowcount == 1
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, now: datetime, lease_s: float) -> bool:
+    """The heartbeat. False means the lease is lost: the job was given to another worker."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+    )
+    return result.rowcount == 1
+
+
+def expired_leases(session: Session, now: datetime) -> list[Job]:
+    return list(session.scalars(
+        select(Job).where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    ))
+
+
+def active_job_count(session: Session, tenant_id: str) -> int:
+    return len(active_jobs(session, tenant_id))
 
 
 def cancel_if_queued(session: Session, job_id: str, now) -> bool:

@@ -68,3 +68,11 @@ def test_data_aware_methods_need_calibration():
 def test_inconsistent_stage_fields_are_rejected(stage):
     with pytest.raises(pydantic.ValidationError):
         JobSpec.model_validate(_spec(stage, calibration={"dataset_id": "ds"}))
+
+
+def test_compressed_output_needs_a_quantize_stage():
+    with pytest.raises(pydantic.ValidationError) as info:
+        JobSpec.model_validate(_spec({"type": "prune", "method": "magnitude", "sparsity": 0.5},
+                                     output={"format": "compressed-tensors"}))
+    assert info.value.errors()[0]["loc"] == ("output",)
+    JobSpec.model_validate(_spec({"type": "quantize", "method": "rtn"}, output={"format": "compressed-tensors"}))

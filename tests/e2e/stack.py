@@ -49,7 +49,8 @@ class ServiceStack:
     # -- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def postgres_redis(cls, workdir: Path) -> "ServiceStack":
+    def postgres_redis(cls, workdir: Path, broker_url: str = REDIS_URL, **settings: str) -> "ServiceStack":
+        """PostgreSQL (a fresh database) and Redis; ``settings`` are extra SQUEEZE_* values."""
         import psycopg
 
         database = f"squeeze_test_{secrets.token_hex(4)}"
@@ -57,10 +58,11 @@ class ServiceStack:
             conn.execute(f'CREATE DATABASE "{database}"')
         stack = cls(workdir, {
             "SQUEEZE_DATABASE_URL": f"{PG_HOST_URL.replace('postgresql://', 'postgresql+psycopg://')}/{database}",
-            "SQUEEZE_BROKER_URL": REDIS_URL,
+            "SQUEEZE_BROKER_URL": broker_url,
             "SQUEEZE_QUEUE_NAME": f"squeeze-test-{secrets.token_hex(4)}",
             "SQUEEZE_STORAGE_ROOT": str(workdir / "artifacts"),
             "SQUEEZE_VAR_DIR": str(workdir / "var"),
+            **{f"SQUEEZE_{key.upper()}": value for key, value in settings.items()},
         })
         stack._dropdb = database
         return stack
@@ -86,14 +88,22 @@ class ServiceStack:
                                   "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
                                   "--hostname", f"{name}-{secrets.token_hex(3)}@%h"])
 
-    def start(self) -> "ServiceStack":
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its children, as a crashed machine would stop them."""
+        for process_name, proc in self.processes:
+            if process_name == name and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+    def start(self, with_worker: bool = True) -> "ServiceStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.embedded_launcher:
             self._spawn("serve", [sys.executable, "-m", "app.serve"])
         else:
             subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT,
                            env=self.env, check=True, capture_output=True)
-            self.start_worker()
+            if with_worker:
+                self.start_worker()
             self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
                                 "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_healthy()

@@ -7,11 +7,22 @@ Two formats (``OutputSpec.format``):
 - ``"compressed-tensors"``: the quantized layers stored as integers (int8 as is, int4 packed
   eight to an int32) with their scales, described by a ``quantization_config`` in
   ``config.json`` (https://github.com/neuralmagic/compressed-tensors). The weights file is
-  really 4x / 8x smaller.
+  really 4x / 8x smaller. A W8A8 layer (``dynamic_int8``) also declares its per-token dynamic
+  int8 input activations. A job that pruned and did not quantize gets its pruned layers in the
+  ``sparse-bitmask`` layout instead: the nonzero values, a bitmask (1 bit per weight) and row
+  offsets, so the file shrinks with sparsity (50% of float32: about 0.53x).
 
-A client loads either the way ``load_model`` does::
+``resolve_format`` picks one for ``"auto"``. A client loads either the way ``load_model`` does::
 
     model = load_model(Path("artifact"), torch.device("cpu"))
+
+``sparse-bitmask`` is a legacy compressed-tensors format: compressed-tensors 0.20 still names it
+(``BitmaskConfig``) but no longer has its compressor, and ``from_pretrained`` in transformers 5
+silently leaves those layers randomly initialised (its load report lists them MISSING). Only
+``load_model`` (and the older compressed-tensors / transformers 4 stacks that wrote the format)
+read it back, so ``"auto"`` never chooses it. Pruned *and* quantized layers are stored quantized
+only (their zeros as integers): the sparse + quantized formats (``sparse-24-bitmask``,
+``marlin-24``) were removed as well.
 
 GPT-2 is special: compressed-tensors only knows ``nn.Linear`` layers, and GPT-2's projections
 are ``Conv1D``. GPTBigCode with ``multi_query=False`` is GPT-2 with ``nn.Linear`` layers (the
@@ -32,16 +43,21 @@ from typing import Any, Literal
 # catches anything (a tokenizer, a config fetch) that forgets it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import compressed_tensors  # noqa: E402
 import torch  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.config import BitmaskConfig, CompressionFormat  # noqa: E402
 from compressed_tensors.quantization import (  # noqa: E402
     QuantizationArgs,
     QuantizationConfig,
     QuantizationScheme,
 )
-from safetensors.torch import save_file  # noqa: E402
+from compressed_tensors.utils import match_named_modules, pack_bitmasks, unpack_bitmasks  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
     AutoModelForCausalLM,
     CompressedTensorsConfig,
     GPT2LMHeadModel,
@@ -52,6 +68,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from worker.engine.modules import WEIGHT_MODULE_TYPES  # noqa: E402
 from worker.engine.pipeline import EngineContext  # noqa: E402
+# The module, not its names: the two may import each other through the pipeline in any order.
+from worker.engine.quantize import dynamic  # noqa: E402
 from worker.engine.quantize.rtn import QuantizedWeight  # noqa: E402
 
 # Files a client needs besides the weights and config.json, copied from the source checkpoint.
@@ -78,16 +96,32 @@ def load_model(folder: Path, device: torch.device) -> PreTrainedModel:
     compressed, fails on CPU with transformers 5.24 / compressed-tensors 0.20 for int4 GPTBigCode
     (its weight init touches the removed ``weight``) and for asymmetric int4 channel / group
     weights on any model (the zero point is created unpacked, the checkpoint's is packed).
+
+    ``dequantize=True`` also drops the activation quantization a scheme declares; the default
+    path keeps it. So the layers declared to quantize their inputs per token to int8 (W8A8,
+    ``dynamic_int8``) get that fake quantization back here, computed as compressed-tensors does:
+    the model gives the logits a client's ``from_pretrained`` gives, int8 activations included.
+    A ``sparse-bitmask`` checkpoint, which transformers 5 cannot read, is decompressed here.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    options: dict[str, Any] = {}
-    if _is_compressed_tensors(Path(folder)):
-        options["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    folder = Path(folder)
+    compression = _compression_config(folder)
+    if compression is None:
+        model = _from_pretrained(folder)
+    elif _sparsity_format(compression) == CompressionFormat.sparse_bitmask:
+        model = _load_sparse_bitmask(folder)
+    else:
+        model = _from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True))
+        _quantize_inputs_as_declared(model, compression)
+    return model.to(device).eval()
+
+
+def _from_pretrained(folder: Path, **options: Any) -> PreTrainedModel:
     with warnings.catch_warnings():
         # transformers warns that the artifact's own quantization_config wins over the one
         # passed: intended, only the loading option `dequantize` is taken from ours.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=torch.float32,
             local_files_only=True,
@@ -95,15 +129,78 @@ def load_model(folder: Path, device: torch.device) -> PreTrainedModel:
             trust_remote_code=False,
             **options,
         )
-    return model.to(device).eval()
 
 
-def _is_compressed_tensors(folder: Path) -> bool:
+def _compression_config(folder: Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a compressed-tensors checkpoint; None for any other."""
     if not (folder / "config.json").is_file():
-        return False  # from_pretrained reports the missing config
+        return None  # from_pretrained reports the missing config
     config = json.loads((folder / "config.json").read_text())
     quantization = config.get("quantization_config") or {}
-    return quantization.get("quant_method") == "compressed-tensors"
+    return quantization if quantization.get("quant_method") == "compressed-tensors" else None
+
+
+def _sparsity_format(compression: dict[str, Any]) -> CompressionFormat:
+    """``dense`` (no sparsity compression) or ``sparse-bitmask`` over float weights; any other
+    sparse layout fails here rather than load with random weights, as from_pretrained does."""
+    sparsity = compression.get("sparsity_config") or {}
+    fmt = CompressionFormat(sparsity.get("format") or CompressionFormat.dense.value)
+    if fmt == CompressionFormat.dense or (
+        fmt == CompressionFormat.sparse_bitmask and not compression.get("config_groups")
+    ):
+        return fmt
+    raise ValueError(
+        f"a {fmt.value!r} checkpoint{' with quantized layers' if compression.get('config_groups') else ''} "
+        f"cannot be loaded: compressed-tensors {compressed_tensors.__version__} removed that format"
+    )
+
+
+def _quantize_inputs_as_declared(model: nn.Module, compression: dict[str, Any]) -> None:
+    for group in (compression.get("config_groups") or {}).values():
+        inputs = group.get("input_activations") if isinstance(group, dict) else None
+        if not inputs:
+            continue
+        args = QuantizationArgs.model_validate(inputs)
+        if not _is_dynamic_per_token_int(args):
+            # e.g. an uploaded FP8 or static-int8 W8A8 model: its activations run in float here.
+            warnings.warn(f"input activations {args.type}{args.num_bits} {args.strategy} are not simulated")
+            continue
+        for _, module in match_named_modules(model, group.get("targets"), compression.get("ignore")):
+            dynamic.quantize_inputs(module, args.num_bits)
+
+
+def _load_sparse_bitmask(folder: Path) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    del config.quantization_config  # the weights are handed over dense: nothing to decompress
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    # The architecture's own class (not the Auto one, which insists on a path) builds the model
+    # from the config and takes the weights as a state dict, ties and dtype handled as usual.
+    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None,
+        config=config,
+        state_dict=_bitmask_decompress(tensors),
+        dtype=torch.float32,
+        output_loading_info=True,
+    )
+    if info["missing_keys"]:  # never leave a layer randomly initialised
+        raise ValueError(f"{folder}: weights missing from the checkpoint: {sorted(info['missing_keys'])}")
+    return model
+
+
+def resolve_format(requested: str, ctx: EngineContext) -> Format:
+    """The format an ``OutputSpec.format`` means for a job whose stages left ``ctx``.
+
+    ``"auto"``: compressed-tensors when a stage quantized (integers, 4x / 8x smaller), dense
+    otherwise. A job that only pruned gets dense, not sparse-bitmask: transformers 5 with
+    compressed-tensors 0.20 loads sparse-bitmask with random weights (see the module docstring).
+    """
+    if requested == "auto":
+        return "compressed-tensors" if ctx.quantized else "dense"
+    if requested not in ("dense", "compressed-tensors"):
+        raise ValueError(f"unknown checkpoint format {requested!r}")
+    return requested  # type: ignore[return-value]
 
 
 def write_checkpoint(
@@ -112,8 +209,8 @@ def write_checkpoint(
     """Write ``model`` (as the stages left it) to ``out_dir`` with the tokenizer files of
     ``source_dir``. Returns ``{"format", "architecture", "weights_bytes"}``.
 
-    ``"compressed-tensors"`` needs a quantization stage (``ctx.quantized``); the caller picks
-    ``"dense"`` for a job that only pruned.
+    ``"compressed-tensors"`` needs a quantization stage (``ctx.quantized``: integer layers) or
+    a pruning stage (``ctx.masks``: sparse-bitmask layers, see the module docstring).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +218,7 @@ def write_checkpoint(
         model.save_pretrained(out_dir)  # safetensors, the only format transformers 5 writes
         architecture = type(model).__name__
     elif fmt == "compressed-tensors":
-        architecture = _write_compressed(model, ctx.quantized, out_dir)
+        architecture = _write_compressed(model, ctx, out_dir)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     for name in TOKENIZER_FILES:
@@ -135,11 +232,10 @@ def write_checkpoint(
 # compressed-tensors
 
 
-def _write_compressed(
-    model: PreTrainedModel, quantized: dict[str, QuantizedWeight], out_dir: Path
-) -> str:
-    if not quantized:
-        raise ValueError("the compressed-tensors format needs a quantization stage")
+def _write_compressed(model: PreTrainedModel, ctx: EngineContext, out_dir: Path) -> str:
+    quantized = ctx.quantized
+    if not quantized and not ctx.masks:
+        raise ValueError("the compressed-tensors format needs a quantization or a pruning stage")
     if isinstance(model, GPT2LMHeadModel):
         config, tensors, quantized = _as_gpt_bigcode(model, quantized)
     else:
@@ -147,29 +243,47 @@ def _write_compressed(
         config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
     config["dtype"] = str(model.dtype).removeprefix("torch.")  # of the tensors left in float
     linear_names = _linear_names(model)
-    scheme = _scheme(quantized)
-
-    for name, weight in quantized.items():
-        del tensors[f"{name}.weight"]
-        tensors.update(_compressed_tensors(name, weight, scheme.weights))
-
-    # Every Linear not quantized (lm_head, and e.g. OPT's project_in/out) is listed by name, so
-    # that a loader does not expect a scale for it.
-    ignore = sorted(set(linear_names) - set(quantized))
-    config["quantization_config"] = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format=scheme.format,
-        quantization_status="compressed",
-        ignore=ignore,
-    ).model_dump()
+    if quantized:
+        # The layers that quantize their inputs at run time (W8A8) are marked on the model.
+        input_bits = {name: dynamic.input_bits(model.get_submodule(name)) for name in quantized}
+        config["quantization_config"] = _compress_quantized(tensors, quantized, input_bits, linear_names)
+    else:
+        sparse = [name for name in linear_names if name in ctx.masks]
+        config["quantization_config"] = _compress_sparse(tensors, sparse, linear_names, model)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config["architectures"][0]
 
 
-def _scheme(quantized: dict[str, QuantizedWeight]) -> QuantizationScheme:
-    """The one compressed-tensors scheme that describes every quantized layer.
+def _compress_quantized(
+    tensors: dict[str, torch.Tensor],
+    quantized: dict[str, QuantizedWeight],
+    input_bits: dict[str, int | None],
+    linear_names: list[str],
+) -> dict[str, Any]:
+    """Replace the quantized layers' weights in ``tensors`` by their integers and scales; return
+    the ``quantization_config``."""
+    scheme = _scheme(quantized, input_bits)
+    for name, weight in quantized.items():
+        del tensors[f"{name}.weight"]
+        tensors.update(_compressed_tensors(name, weight, scheme.weights))
+    # Every Linear not quantized (lm_head, and e.g. OPT's project_in/out) is listed by name, so
+    # that a loader does not expect a scale for it.
+    ignore = sorted(set(linear_names) - set(quantized))
+    return QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=scheme.format,
+        quantization_status="compressed",
+        ignore=ignore,
+    ).model_dump()
+
+
+def _scheme(
+    quantized: dict[str, QuantizedWeight], input_bits: dict[str, int | None]
+) -> QuantizationScheme:
+    """The one compressed-tensors scheme that describes every quantized layer (and, with
+    ``input_bits`` of a layer not None, its inputs quantized per token at run time).
 
     transformers dequantizes all dense layers with a single scheme, so the layers must share
     one. A row whose length is not a multiple of ``group_size`` (a partial last group) cannot
@@ -177,10 +291,15 @@ def _scheme(quantized: dict[str, QuantizedWeight]) -> QuantizationScheme:
     strategy with ``[1, group_size]`` blocks pads the last block and describes it exactly
     (transformers loads it; serving engines may support only ``"group"``).
     """
-    kinds = {(q.bits, q.group_size, q.zero_point is None) for q in quantized.values()}
+    kinds = {
+        (q.bits, q.group_size, q.zero_point is None, input_bits.get(name))
+        for name, q in quantized.items()
+    }
     if len(kinds) != 1:
-        raise ValueError(f"the quantized layers differ in bits / group size / symmetry: {kinds}")
-    bits, group_size, symmetric = kinds.pop()
+        raise ValueError(
+            f"the quantized layers differ in bits / group size / symmetry / input bits: {kinds}"
+        )
+    bits, group_size, symmetric, input_bits = kinds.pop()
     if group_size is None:
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="channel")
     elif all(q.q.shape[1] % group_size == 0 for q in quantized.values()):
@@ -195,9 +314,21 @@ def _scheme(quantized: dict[str, QuantizedWeight]) -> QuantizationScheme:
             strategy="block",
             block_structure=[1, group_size],
         )
+    inputs = None
+    if input_bits is not None:
+        # W8A8 dynamic: each token's input quantized when the layer runs, no stored scale.
+        inputs = QuantizationArgs(
+            num_bits=input_bits, type="int", symmetric=True, strategy="token", dynamic=True
+        )
     # int8 values are stored as they are; narrower ones are packed into int32 words.
     fmt = "int-quantized" if bits == 8 else "pack-quantized"
-    return QuantizationScheme(targets=["Linear"], weights=args, format=fmt)
+    return QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs, format=fmt)
+
+
+def _is_dynamic_per_token_int(args: QuantizationArgs) -> bool:
+    """Whether activation ``args`` are what ``_scheme`` writes for W8A8 (and load_model
+    simulates): symmetric integers, one scale per token computed at run time."""
+    return args.type == "int" and args.symmetric and args.strategy == "token" and args.dynamic is True
 
 
 def _compressed_tensors(
@@ -218,6 +349,78 @@ def _compressed_tensors(
     if zero_point is not None:
         tensors[f"{name}.weight_zero_point"] = zero_point
     return tensors
+
+
+def _compress_sparse(
+    tensors: dict[str, torch.Tensor], names: list[str], linear_names: list[str], model: nn.Module
+) -> dict[str, Any]:
+    """Replace the weights of the pruned layers ``names`` in ``tensors`` by their sparse-bitmask
+    form; return the ``quantization_config`` that describes it (no quantization, a
+    ``sparsity_config``)."""
+    structures = set()
+    for name in names:
+        weight = tensors.pop(f"{name}.weight")
+        structures.add("2:4" if _is_two_four(weight) else "unstructured")
+        tensors.update(_bitmask_compress(name, weight))
+    # As llm-compressor records it: the zero fraction of all the model's parameters.
+    parameters = list(model.parameters())
+    zeros = sum(int((p == 0).sum()) for p in parameters)
+    sparsity = BitmaskConfig(
+        targets=["Linear"],
+        ignore=sorted(set(linear_names) - set(names)),
+        global_sparsity=zeros / sum(p.numel() for p in parameters),
+        sparsity_structure=structures.pop() if len(structures) == 1 else "unstructured",
+    )
+    return {
+        "quant_method": "compressed-tensors",
+        "version": compressed_tensors.__version__,
+        "sparsity_config": sparsity.model_dump(),
+    }
+
+
+def _is_two_four(weight: torch.Tensor) -> bool:
+    """At most two nonzeros in every four consecutive inputs of a row (what sparse tensor cores
+    and vLLM's 2:4 kernels need)."""
+    rows, columns = weight.shape
+    return columns % 4 == 0 and bool(((weight != 0).reshape(rows, -1, 4).sum(-1) <= 2).all())
+
+
+# The legacy compressed-tensors BitmaskCompressor layout, for one layer named ``name``:
+#   name.compressed   the nonzero values, row by row (1-D, the weight's dtype)
+#   name.bitmask      uint8 [rows, ceil(columns / 8)], bit j % 8 of byte j // 8 (little-endian)
+#                     set where column j is nonzero
+#   name.row_offsets  int64 [rows], where each row starts in `compressed`
+#   name.shape        int64 [2], the dense shape
+# Lossless: zeros that pruning did not make are simply not stored either.
+
+
+def _bitmask_compress(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    weight = weight.detach().cpu()
+    nonzero = weight != 0
+    row_counts = nonzero.sum(dim=-1)
+    return {
+        f"{name}.compressed": weight[nonzero],
+        f"{name}.bitmask": pack_bitmasks(nonzero),
+        f"{name}.row_offsets": torch.cumsum(row_counts, 0) - row_counts,
+        f"{name}.shape": torch.tensor(list(weight.shape)),
+    }
+
+
+def _bitmask_decompress(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every sparse-bitmask layer turned back into its dense ``.weight``."""
+    dense = dict(tensors)
+    for key in tensors:
+        if not key.endswith(".compressed"):
+            continue
+        name = key.removesuffix(".compressed")
+        values = dense.pop(key)
+        shape = dense.pop(f"{name}.shape").tolist()
+        nonzero = unpack_bitmasks(dense.pop(f"{name}.bitmask"), shape)
+        dense.pop(f"{name}.row_offsets")
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[nonzero] = values
+        dense[f"{name}.weight"] = weight
+    return dense
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

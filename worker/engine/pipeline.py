@@ -133,3 +133,9 @@ def run_pipeline(
 from worker.engine.prune import magnitude as _magnitude  # noqa: E402, F401
 from worker.engine.prune import random as _random  # noqa: E402, F401
 from worker.engine.quantize import rtn as _rtn  # noqa: E402, F401
+from worker.engine.prune import structured as _structured  # noqa: E402, F401
+from worker.engine.distill import train as _distill  # noqa: E402, F401
+from worker.engine.quantize import dynamic as _dynamic  # noqa: E402, F401
+from worker.engine.prune import wanda as _wanda  # noqa: E402, F401
+from worker.engine.prune import sparsegpt as _sparsegpt  # noqa: E402, F401
+from worker.engine.quantize import gptq as _gptq  # noqa: E402, F401

@@ -74,7 +74,9 @@ def test_an_unregistered_config_fails_before_any_work(tiny_models):
 @pytest.mark.parametrize(
     "module",
     ["worker.engine.prune.masking", "worker.engine.prune.random", "worker.engine.prune.magnitude",
-     "worker.engine.quantize.rtn", "worker.engine.export"],
+     "worker.engine.prune.wanda", "worker.engine.prune.sparsegpt", "worker.engine.prune.structured",
+     "worker.engine.quantize.rtn", "worker.engine.quantize.gptq", "worker.engine.quantize.dynamic",
+     "worker.engine.distill.train", "worker.engine.capture", "worker.engine.export"],
 )
 def test_any_engine_module_can_be_imported_first(module):
     """The pipeline imports the methods and the methods import the pipeline: a fresh

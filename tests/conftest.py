@@ -1,3 +1,6 @@
+"""Live stacks shared by the whole suite (one per session): the API and a Celery worker as
+real processes, on PostgreSQL + Redis and on the embedded default."""
+
 import pytest
 
 from tests.e2e.stack import ServiceStack

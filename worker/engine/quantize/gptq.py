@@ -1,0 +1,138 @@
+"""GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323): round the weights to the
+integer grid column by column, and spread each column's rounding error over the columns not yet
+rounded with the inverse Hessian of the layer's calibration inputs (``hessian.py``)::
+
+    {"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128}
+    {"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128, "act_order": true}
+
+The result is stored exactly like RTN's (``QuantizedWeight``: integers, a scale per row and
+group of inputs, a zero point when asymmetric), so the compressed-tensors export packs it the
+same way. The grids are RTN's: a group's scale and zero point are ``quantize_rtn``'s for the
+group's weights, taken when the sweep reaches the group (so they fit the weights as updated by
+the columns before). With ``act_order`` the columns are visited by decreasing Hessian
+diagonal, and the groups' grids are taken up front from the weight in its own order ("static
+groups"), so the stored layout stays plain group-wise, with no column permutation (g_idx).
+
+Pruned weights stay exactly 0: masked before, and rounded to the integer that means 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.specs import QuantizeGPTQ
+from worker.engine.capture import compress_block_by_block
+from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
+from worker.engine.modules import WeightLayer
+from worker.engine.pipeline import EngineContext, register
+
+# The module, not its names: rtn imports the pipeline, which imports this module, so when rtn
+# is imported first its names do not exist yet while this file runs.
+from worker.engine.quantize import rtn
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    keep: torch.Tensor | None = None,
+) -> rtn.QuantizedWeight:
+    """Quantize the ``[out, in]`` weight given the ``[in, in]`` Hessian of its inputs::
+
+        quantized = gptq_quantize(w, hessian.hessian(), bits=4, group_size=128)
+        layer.set_weight(dequantize(quantized))
+
+    ``group_size=None``: one scale per row. A row not a multiple of ``group_size`` long gets a
+    shorter last group. ``keep``, a pruning mask, is kept: those weights dequantize to 0.
+    """
+    rows, columns = weight.shape
+    size = group_size or columns
+    q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if keep is not None:
+        keep = keep.to(device=weight.device, dtype=torch.bool)
+        weight = weight * keep
+    order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(columns, device=weight.device))
+    order_list = order.tolist()
+    n_groups = math.ceil(columns / size)
+    q = torch.zeros(rows, columns, dtype=torch.int8, device=weight.device)
+    scale = torch.ones(rows, n_groups, dtype=torch.float32, device=weight.device)
+    zero_point = torch.zeros(rows, n_groups, dtype=torch.float32, device=weight.device)
+
+    def start_segment(
+        start: int, current: torch.Tensor, factor_diagonal: torch.Tensor
+    ) -> ColumnRule:
+        if act_order:
+            # One segment, the whole row, before any update: every group's grid, in the
+            # original column order.
+            grid = rtn.quantize_rtn(current[:, torch.argsort(order)], bits, group_size, symmetric)
+            scale[:] = grid.scale
+            if grid.zero_point is not None:
+                zero_point[:] = grid.zero_point
+        else:
+            if keep is not None:  # pruned weights will be 0: they must not widen the grid
+                current = current * keep[:, start:start + current.shape[1]]
+            grid = rtn.quantize_rtn(current, bits, None, symmetric)
+            scale[:, start // size] = grid.scale[:, 0]
+            if grid.zero_point is not None:
+                zero_point[:, start // size] = grid.zero_point[:, 0]
+        return round_column
+
+    def round_column(column: int, values: torch.Tensor) -> torch.Tensor:
+        original = order_list[column]
+        group_scale, group_zero = scale[:, original // size], zero_point[:, original // size]
+        # quantize_rtn's rounding, with the grid fixed when the group started.
+        integers = (torch.round(values / group_scale) + group_zero).clamp(q_min, q_max)
+        if keep is not None:
+            integers = torch.where(keep[:, original], integers, group_zero)
+        q[:, original] = integers.to(torch.int8)
+        # The float value dequantize() gives for these integers, computed the same way.
+        return (integers - group_zero) * group_scale
+
+    if act_order:
+        weight, hessian = weight[:, order], hessian[order][:, order]
+    sweep_columns(weight, hessian, dampening, block_size,
+                  segment_size=columns if act_order else size, start_segment=start_segment)
+    return rtn.QuantizedWeight(
+        q=q, scale=scale, zero_point=None if symmetric else zero_point.to(torch.int8),
+        bits=bits, group_size=group_size,
+    )
+
+
+@register(QuantizeGPTQ)
+def quantize_gptq(model: nn.Module, config: QuantizeGPTQ, ctx: EngineContext) -> dict[str, Any]:
+    max_abs_error = 0.0
+
+    def quantize(layer: WeightLayer, hessian: InputHessian) -> None:
+        nonlocal max_abs_error
+        weight = layer.weight()
+        quantized = gptq_quantize(
+            weight, hessian.hessian(), config.bits, config.group_size, config.symmetric,
+            config.dampening, config.act_order, config.block_size, keep=ctx.masks.get(layer.name),
+        )
+        dequantized = rtn.dequantize(quantized)
+        max_abs_error = max(max_abs_error, float((weight.float() - dequantized).abs().max()))
+        layer.set_weight(dequantized)
+        ctx.quantized[layer.name] = quantized
+
+    layers = compress_block_by_block(
+        model, ctx, statistic=lambda layer: InputHessian(layer.in_features, ctx.device),
+        compress=quantize,
+    )
+    return {
+        "layers": len(layers),
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "symmetric": config.symmetric,
+        "act_order": config.act_order,
+        "max_abs_error": max_abs_error,
+    }
