@@ -37,8 +37,8 @@ What each column means:
   per row makes the high-water mark the row's own (``ru_maxrss`` would not: Linux carries it
   across ``exec``, from the parent).
 - ``ms/token``, ``× dense speed``: ``latency_ms_per_token`` (batch 1, a full-context forward
-  pass, one thread) of the artifact and of the dense model, measured alternately in the same
-  process, best of 7 rounds each: the machine is shared, the best round is the least disturbed.
+  pass, one thread) of the artifact and of the dense model, one pass of each alternately in the
+  same process, best of 20 each: the machine is shared, the best pass is the least disturbed.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Settings:
     distill_steps: int = 150
     distill_batch: int = 8
     distill_seq_len: int = 128
-    latency_rounds: int = 7
+    latency_rounds: int = 20
 
     @property
     def eval_stride(self) -> int:
@@ -133,7 +133,7 @@ QUICK = Settings(name="quick", vocab_size=512, context=64, layers=2, width=64, h
                  gpt2_mlp=256, llama_mlp=192, train_chars=400_000, train_steps=30, train_batch=8,
                  learning_rate=3e-3, warmup_steps=3, eval_tokens=2048, calibration_samples=8,
                  calibration_seq_len=64, distill_steps=4, distill_batch=4, distill_seq_len=64,
-                 latency_rounds=1)
+                 latency_rounds=2)
 
 
 def digest(value: Any) -> str:
@@ -443,11 +443,21 @@ def run_row_in_subprocess(job: RowJob) -> dict[str, Any]:
     else:
         tail = (process.stderr or process.stdout).strip().splitlines()[-3:]
         result = {"status": "error", "reason": f"exit {process.returncode}: {' | '.join(tail)}"[:300]}
-    result["row_s"] = time.monotonic() - started
+    result.update(row_s=time.monotonic() - started, inputs=job.inputs)
+    result_path.write_text(json.dumps(result, default=str))
     if result["status"] == "error":
         (work / "stderr.txt").write_text(process.stderr)
         log(f"  {job.row}: error, see {work / 'stderr.txt'}")
     return result
+
+
+def earlier_result(path: Path, inputs_path: Path) -> dict[str, Any] | None:
+    """A successful result a previous run left at ``path`` with the same inputs (model folder,
+    evaluation tokens and calibration samples), for ``--reuse``; None otherwise."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("status") == "ok" and result.get("inputs") == str(inputs_path) else None
 
 
 def run_row(job: RowJob) -> dict[str, Any]:
@@ -509,9 +519,9 @@ def peak_rss_mib_of_this_process() -> float:
 
 
 def paired_latency(model, dense, settings: Settings) -> tuple[float, float]:
-    """Per-token latency of ``model`` and of ``dense``, measured in turn on one thread, best of
-    the rounds: on a machine shared with other work, one thread and the least disturbed round
-    compare the two models' compute rather than the neighbours' load."""
+    """Per-token latency of ``model`` and of ``dense``, one timed pass of each in turn on one
+    thread, best of the rounds: on a machine shared with other work, one thread and the least
+    disturbed pass compare the two models' compute rather than the neighbours' load."""
     import torch
 
     from worker.evaluate import latency_ms_per_token
@@ -521,8 +531,8 @@ def paired_latency(model, dense, settings: Settings) -> tuple[float, float]:
     torch.set_num_threads(1)
     try:
         for _ in range(settings.latency_rounds):
-            ours.append(latency_ms_per_token(model, settings.context, vocab, cpu, repeats=5))
-            reference.append(latency_ms_per_token(dense, settings.context, vocab, cpu, repeats=5))
+            ours.append(latency_ms_per_token(model, settings.context, vocab, cpu, repeats=1))
+            reference.append(latency_ms_per_token(dense, settings.context, vocab, cpu, repeats=1))
     finally:
         torch.set_num_threads(threads)
     return min(ours), min(reference)
@@ -586,7 +596,8 @@ def linear_equivalent(model_dir: Path, arch: str) -> Path:
 
 
 def compare_with_llmcompressor(arch: str, rows: list[Row], results: dict[str, dict], model_dir: Path,
-                               inputs_path: Path, settings: Settings, work: Path) -> dict[str, dict]:
+                               inputs_path: Path, settings: Settings, work: Path,
+                               reuse: bool = False) -> dict[str, dict]:
     """Run llm-compressor's recipe for every row that has one and ran here; measure its
     output as ours. Returns ``{row name: result}``."""
     import torch
@@ -614,6 +625,12 @@ def compare_with_llmcompressor(arch: str, rows: list[Row], results: dict[str, di
             compared[row.name] = {"status": "n/a", "reason": "our row did not run"}
             continue
         out, result_path = work / "llmcompressor" / row.name, work / "llmcompressor" / f"{row.name}.json"
+        measured_path = result_path.with_suffix(".measured.json")
+        if reuse and (kept := earlier_result(measured_path, inputs_path)):
+            compared[row.name] = kept
+            log(f"  llm-compressor {row.llmcompressor}: reused")
+            continue
+        measured_path.unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"  llm-compressor {row.llmcompressor}")
@@ -636,6 +653,8 @@ def compare_with_llmcompressor(arch: str, rows: list[Row], results: dict[str, di
                                                     settings.eval_stride, device),
                               sparsity=weight_stats(after)["sparsity"],
                               artifact_bytes=folder_bytes(out) - _recipe_bytes(out))
+        result["inputs"] = str(inputs_path)
+        measured_path.write_text(json.dumps(result))
         compared[row.name] = result
         if not os.environ.get("BENCH_KEEP_ARTIFACTS"):
             shutil.rmtree(out, ignore_errors=True)
@@ -797,6 +816,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"only create {LLMCOMPRESSOR_VENV.relative_to(BENCH_DIR.parent)}")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the successful rows an earlier run measured with the same "
+                             "model and inputs; run only the others (e.g. methods that landed since)")
     parser.add_argument("--_row", help=argparse.SUPPRESS)  # a row's subprocess
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
@@ -858,6 +880,10 @@ def main(argv: list[str] | None = None) -> None:
                 results[row.name] = {"status": "n/a", "reason": "not implemented: " + ", ".join(missing)}
                 log(f"{arch} {row.name}: n/a (not implemented: {', '.join(missing)})")
                 continue
+            if args.reuse and (kept := earlier_result(work / row.name / "result.json", inputs_path)):
+                results[row.name] = kept
+                log(f"{arch} {row.name}: reused")
+                continue
             log(f"{arch} {row.name}")
             results[row.name] = run_row_in_subprocess(RowJob(
                 row=row.name, settings=settings.name, model_dir=str(model_dir),
@@ -869,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
         theirs = None
         if not args.no_llmcompressor:
             theirs = compare_with_llmcompressor(arch, args.rows, results, model_dir, inputs_path,
-                                                settings, work)
+                                                settings, work, reuse=args.reuse)
         tables = [results_table(arch, training, args.rows, results)]
         if theirs:
             tables.append(comparison_table(arch, args.rows, results, theirs))

@@ -69,7 +69,7 @@ def test_signed_deliveries_are_retried_and_recorded(pg_stack, tmp_path):
 
     assert all(_verify(r["headers"], r["body"]) for r in receiver.received)
     tampered = receiver.received[-1]
-    assert not _verify(tampered["headers"], tampered["body"].replace("succeeded", "failed"))
+    assert not _verify(tampered["headers"], tampered["body"].replace("job.", "job!"))  # any edit breaks it
     # The first attempt got a 500 and was retried under the same webhook-id.
     first = next(d for d in deliveries if d["attempts"] == 2)
     assert [a["status_code"] for a in first["attempt_log"]] == [500, 204]
