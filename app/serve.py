@@ -25,6 +25,17 @@ def migrate() -> None:
     command.upgrade(config, "head")
 
 
+def _die_with_parent() -> None:
+    # Linux: the worker gets SIGTERM if this launcher dies, even by SIGKILL, so no orphan
+    # worker keeps consuming the queue after `make run` is gone.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_worker() -> subprocess.Popen:
     settings = get_settings()
     return subprocess.Popen(
@@ -32,6 +43,7 @@ def start_worker() -> subprocess.Popen:
          "--loglevel=INFO", f"--concurrency={settings.worker_concurrency}",
          "-Q", settings.queue_name, "--hostname", f"squeeze-embedded-{os.getpid()}@%h"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=_die_with_parent,
     )
 
 
