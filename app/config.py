@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     # Upload limits. Checked while streaming, so a client cannot fill the disk past them.
     max_upload_bytes: int = 20 * GiB
     max_dataset_bytes: int = 2 * GiB
+    body_idle_timeout_s: float = 60.0  # a request body that stalls this long is abandoned (408)
     max_archive_members: int = 64
     max_compression_ratio: float = 200.0
     max_safetensors_header_bytes: int = 64 * MiB

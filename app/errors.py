@@ -79,6 +79,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     422: "invalid_request_error",

@@ -7,6 +7,7 @@ counting what actually arrives (a chunked upload declares nothing).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -21,10 +22,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """A client that stops sending its body mid-way (slowloris, a dead link) is cut off."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"no request body bytes for {seconds:g} s; the upload was abandoned")
+
+
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, limit_for_path: Callable[[str], int]):
+    """Also bounds the wait for each chunk of a body: ``idle_timeout_s`` without a byte ends
+    the request with 408, and what the route had staged is cleaned up like any failed upload."""
+
+    def __init__(self, app: ASGIApp, limit_for_path: Callable[[str], int], idle_timeout_s: float = 60.0):
         self.app = app
         self.limit_for_path = limit_for_path
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,7 +53,10 @@ class BodySizeLimit:
 
         async def counting_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.idle_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

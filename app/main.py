@@ -62,7 +62,7 @@ def create_app() -> FastAPI:
     # Last added runs first: oversized bodies are refused before anything else reads them,
     # and every request, refused or not, gets an id, a log line and a latency observation.
     app.add_middleware(IdempotencyMiddleware)
-    app.add_middleware(BodySizeLimit, limit_for_path=_body_limit)
+    app.add_middleware(BodySizeLimit, limit_for_path=_body_limit, idle_timeout_s=settings.body_idle_timeout_s)
     app.add_middleware(RequestContext)
     for router in (models.router, datasets.router, jobs.router, events.router, keys.router, uploads.router):
         app.include_router(router, prefix=settings.api_prefix)

@@ -40,7 +40,9 @@ class ServiceStack:
                     # Webhook retries in fractions of a second, so tests see several attempts.
                     "SQUEEZE_WEBHOOK_BACKOFF_S": "[0.3, 0.3, 0.3]",
                     # Small enough that a test can reach it, large enough for the suite's models.
-                    "SQUEEZE_MAX_TENANT_STORAGE_BYTES": str(200 * 1024 * 1024), **env}
+                    "SQUEEZE_MAX_TENANT_STORAGE_BYTES": str(200 * 1024 * 1024),
+                    "SQUEEZE_MAX_DATASET_BYTES": str(4 * 1024 * 1024),
+                    "SQUEEZE_BODY_IDLE_TIMEOUT_S": "2", **env}
         self.embedded_launcher = embedded_launcher
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
