@@ -11,8 +11,8 @@ Every step is a conditional update, so any number of API replicas may run it at 
 from __future__ import annotations
 
 import logging
-import threading
 
+from app.background import PeriodicThread
 from app.config import get_settings
 from app.db.session import session_scope
 
@@ -31,23 +31,6 @@ def reconcile_once() -> tuple[int, int]:
     return reclaimed, sent
 
 
-class Reconciler:
+class Reconciler(PeriodicThread):
     def __init__(self, interval_s: float | None = None):
-        self.interval_s = interval_s or get_settings().reconcile_interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                reconcile_once()
-            except Exception:  # the database may be restarting: try again next round
-                log.exception("reconcile round failed")
-            self._stop.wait(self.interval_s)
+        super().__init__("reconciler", interval_s or get_settings().reconcile_interval_s, reconcile_once)

@@ -16,8 +16,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
-import threading
 import time
 from datetime import timedelta
 
@@ -25,11 +23,11 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.background import PeriodicThread
 from app.config import get_settings
 from app.db.models import Job, JobEvent, WebhookAttempt, WebhookDelivery, new_id, utcnow
 from app.db.session import session_scope
 
-log = logging.getLogger("squeeze.webhooks")
 
 LEASE = timedelta(seconds=60)  # a claimed delivery is retried by another dispatcher after this
 
@@ -129,31 +127,21 @@ def deliver(delivery_id: str, client: httpx.Client) -> None:
             delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff[delivery.attempts - 1])
 
 
-class Dispatcher:
-    """A daemon thread sending due deliveries. Several API replicas may each run one: a
-    delivery is claimed by one statement, so each attempt is made once."""
+class Dispatcher(PeriodicThread):
+    """Sends due deliveries. Several API replicas may each run one: a delivery is claimed by
+    one statement, so each attempt is made once."""
 
     def __init__(self, interval_s: float = 0.5):
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
+        self.client = httpx.Client(follow_redirects=False)
+        super().__init__("webhook-dispatcher", interval_s, self.dispatch_due)
 
-    def start(self) -> None:
-        self._thread.start()
+    def dispatch_due(self) -> None:
+        for delivery_id in _claim_due():
+            deliver(delivery_id, self.client)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        with httpx.Client(follow_redirects=False) as client:
-            while not self._stop.is_set():
-                try:
-                    for delivery_id in _claim_due():
-                        deliver(delivery_id, client)
-                except Exception:  # a database hiccup must not kill the thread
-                    log.exception("webhook dispatch round failed")
-                self._stop.wait(self.interval_s)
+        super().stop()
+        self.client.close()
 
 
 def deliveries_for(session: Session, job_id: str) -> list[dict]:

@@ -67,22 +67,15 @@ from transformers import (  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from worker.engine.modules import WEIGHT_MODULE_TYPES  # noqa: E402
+from app.checkpoints import TOKENIZER_FILES as UPLOAD_TOKENIZER_FILES  # noqa: E402
 from worker.engine.pipeline import EngineContext  # noqa: E402
 # The module, not its names: the two may import each other through the pipeline in any order.
 from worker.engine.quantize import dynamic  # noqa: E402
 from worker.engine.quantize.rtn import QuantizedWeight  # noqa: E402
 
-# Files a client needs besides the weights and config.json, copied from the source checkpoint.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "generation_config.json",
-)
+# Files a client needs besides the weights and config.json, copied from the source checkpoint:
+# every tokenizer file an upload may carry (one list, kept by the upload validation).
+TOKENIZER_FILES = tuple(sorted(UPLOAD_TOKENIZER_FILES)) + ("generation_config.json",)
 
 Format = Literal["dense", "compressed-tensors"]
 
