@@ -21,6 +21,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.config import get_settings
 from app.db import repositories
@@ -40,12 +41,17 @@ def run_job(job_id: str) -> None:
     job_id_var.set(job_id)  # every log line of this job carries its id
     settings = get_settings()
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    with session_scope() as session:
-        claimed = repositories.claim_job(session, job_id, utcnow(), worker_id, settings.job_lease_s)
-        if claimed:
-            job = session.get(Job, job_id)
-            events.record(session, job, "status", f"job running (attempt {job.attempts})",
-                          status=JobStatus.RUNNING.value, attempt=job.attempts)
+
+    def claim() -> bool:
+        with session_scope() as session:
+            claimed = repositories.claim_job(session, job_id, utcnow(), worker_id, settings.job_lease_s)
+            if claimed:
+                job = session.get(Job, job_id)
+                events.record(session, job, "status", f"job running (attempt {job.attempts})",
+                              status=JobStatus.RUNNING.value, attempt=job.attempts)
+            return claimed
+
+    claimed = retry_database(claim)
     if not claimed:
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
@@ -56,6 +62,29 @@ def run_job(job_id: str) -> None:
         JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat).run()
     finally:
         heartbeat.stop()
+
+
+def retry_database(work, patience_s: float = 300.0):
+    """Run ``work`` (one transaction), retrying while the database is unreachable (restarting,
+    failing over). A write that decides a job's fate must not be lost to a blip."""
+    delay, deadline = 0.5, time.monotonic() + patience_s
+    while True:
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated and not isinstance(exc, OperationalError) or time.monotonic() > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1f s", type(exc.orig).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def best_effort(work) -> None:
+    """Progress, log lines and cancel checks: skipped, not fatal, while the database is away."""
+    try:
+        work()
+    except DBAPIError as exc:
+        log.warning("database unavailable (%s); progress not recorded", type(exc.orig).__name__)
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -158,19 +187,24 @@ class JobRunner:
             values.update(progress=1.0, stage_name=None, stage_index=None, **artifact)
         if error:
             values.update(error_type=error[0], error_message=error[1])
-        with session_scope() as session:
-            # Only the lease holder may finish the job: a worker presumed dead that wakes up
-            # later cannot overwrite the result of the attempt that replaced it.
-            owner = Job.worker_id == self.worker_id if self.worker_id else True
-            result = session.execute(
-                update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value, owner).values(**values)
-            )
-            if result.rowcount:  # the status event commits with the status itself
-                job = session.get(Job, self.job_id)
-                if error:
-                    events.record(session, job, "error", error[1], error_type=error[0])
-                events.record(session, job, "status", f"job {status.value}", status=status.value)
-            return bool(result.rowcount)
+
+        def write() -> bool:
+            with session_scope() as session:
+                # Only the lease holder may finish the job: a worker presumed dead that wakes
+                # up later cannot overwrite the result of the attempt that replaced it.
+                owner = Job.worker_id == self.worker_id if self.worker_id else True
+                result = session.execute(
+                    update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value, owner)
+                    .values(**values)
+                )
+                if result.rowcount:  # the status event commits with the status itself
+                    job = session.get(Job, self.job_id)
+                    if error:
+                        events.record(session, job, "error", error[1], error_type=error[0])
+                    events.record(session, job, "status", f"job {status.value}", status=status.value)
+                return bool(result.rowcount)
+
+        return retry_database(write)
 
     # -- the work -------------------------------------------------------------------------
 
@@ -264,8 +298,11 @@ class JobRunner:
                 tar.add(path, arcname=path.name, recursive=False)
         digest = sha256_file(tar_path)
         after["artifact_bytes"] = tar_path.stat().st_size
-        with session_scope() as session:
-            attempt = session.get(Job, self.job_id).attempts
+        def read_attempt() -> int:
+            with session_scope() as session:
+                return session.get(Job, self.job_id).attempts
+
+        attempt = retry_database(read_attempt)
         # Each attempt publishes under its own name, and only the attempt that finishes the job
         # is recorded (and keeps its file): a presumed-dead worker that wakes up late cannot
         # replace the artifact that the job's sha256 describes.
@@ -327,17 +364,24 @@ class JobRunner:
         values = {"progress": round(progress, 4)}
         if not keep_stage:
             values.update(stage_name=name, stage_index=stage_index)
-        with session_scope() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
-            # The log gets a progress line per tenth, not per write.
-            if int(progress * 10) > self._last_logged_tenth:
-                self._last_logged_tenth = int(progress * 10)
-                events.record(session, session.get(Job, self.job_id), "progress",
-                              f"{progress:.0%} done", progress=round(progress, 4))
+
+        def write() -> None:
+            with session_scope() as session:
+                session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+                # The log gets a progress line per tenth, not per write.
+                if int(progress * 10) > self._last_logged_tenth:
+                    events.record(session, session.get(Job, self.job_id), "progress",
+                                  f"{progress:.0%} done", progress=round(progress, 4))
+            self._last_logged_tenth = max(self._last_logged_tenth, int(progress * 10))
+
+        best_effort(write)
 
     def _event(self, type: str, message: str, **data) -> None:
-        with session_scope() as session:
-            events.record(session, session.get(Job, self.job_id), type, message, **data)
+        def write() -> None:
+            with session_scope() as session:
+                events.record(session, session.get(Job, self.job_id), type, message, **data)
+
+        best_effort(write)
 
     def _should_cancel(self) -> bool:
         # A lost lease stops the job like a cancel, but _finish then writes nothing.
@@ -347,7 +391,11 @@ class JobRunner:
         now = time.monotonic()
         if not self._cancel_seen and now - self._last_cancel_check >= 1.0:
             self._last_cancel_check = now
-            with session_scope() as session:
-                job = session.get(Job, self.job_id)
-                self._cancel_seen = bool(job is None or job.cancel_requested)
+
+            def read() -> None:
+                with session_scope() as session:
+                    job = session.get(Job, self.job_id)
+                    self._cancel_seen = bool(job is None or job.cancel_requested)
+
+            best_effort(read)
         return self._cancel_seen

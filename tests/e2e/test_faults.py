@@ -152,3 +152,31 @@ def test_job_past_its_time_limit_fails_with_the_reason(tmp_path, redis):
         done = wait_for(client, job["id"], timeout=120)
         assert done["status"] == "failed" and done["error"]["type"] == "time_limit_exceeded", done
         assert not list((stack.storage_root / "artifacts").glob(f"{job['id']}*"))
+
+
+def _restart_postgres() -> None:
+    import os
+    import shutil
+
+    if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
+        pytest.skip("restarting PostgreSQL needs pg_ctlcluster and root")
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
+                   timeout=120)
+
+
+def test_postgres_restarted_mid_job(tmp_path, redis):
+    with ServiceStack.postgres_redis(tmp_path / "s", broker_url=redis.url, job_lease_s="30",
+                                     reconcile_interval_s="1") as stack:
+        client = stack.client
+        job = _long_job(client, tmp_path)
+        _wait_stage(client, job["id"], "evaluate.before")
+        _restart_postgres()
+        done = wait_for(client, job["id"], timeout=300)
+        assert done["status"] == "succeeded", stack.logs()
+        assert len(list((stack.storage_root / "artifacts").glob(f"{job['id']}*"))) == 1
+        # The API reconnected too: new work is accepted and runs.
+        again = client.post("/v1/jobs", json={"model_id": job["model_id"],
+                                               "stages": [{"type": "prune", "method": "random", "sparsity": 0.1}]})
+        assert again.status_code == 201
+        assert wait_for(client, again.json()["id"], timeout=120)["status"] == "succeeded"
