@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.e2e.client import upload_model
 from tests.e2e.stack import ServiceStack
 from tests.factories import make_checkpoint
@@ -60,7 +62,11 @@ def main() -> None:
         next_kill = started + args.kill_every
         statuses: dict[str, str] = {}
         while time.monotonic() - started < args.timeout:
-            statuses = {job["id"]: job["status"] for job in _all_jobs(client)}
+            try:
+                statuses = {job["id"]: job["status"] for job in _all_jobs(client)}
+            except (httpx.HTTPError, KeyError):  # the API may be restarting: look again shortly
+                time.sleep(1)
+                continue
             done = sum(statuses.get(j) in TERMINAL for j in job_ids)
             if done == len(job_ids):
                 break
