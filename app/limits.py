@@ -51,12 +51,20 @@ class BodySizeLimit:
         received = 0
         response_started = False
 
+        body_complete = False
+
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_complete
+            if body_complete:
+                # After the body, receive() only waits for the client to disconnect (a
+                # streaming response listens for that): no timeout applies there.
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), timeout=self.idle_timeout_s)
             except asyncio.TimeoutError:
                 raise BodyTimeout(self.idle_timeout_s) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_complete = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -31,7 +31,26 @@ def _raw(stack, head: bytes, body_parts: list[bytes], pause: float = 0.0, read: 
             time.sleep(pause)
         if not read:
             return b""
-        return sock.recv(65536)
+        return _read_response(sock)
+
+
+def _read_response(sock) -> bytes:
+    """Headers and the whole body (by Content-Length), however the segments arrive."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def _multipart_head(stack, path: str, length: int, boundary: str = "xyz") -> bytes:
