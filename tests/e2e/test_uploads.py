@@ -78,8 +78,9 @@ def test_limits_answer_413(pg_stack):
     client = pg_stack.client
     too_big = client.post("/v1/uploads", json={"filename": "x.tar.gz", "size_bytes": 10**13, "purpose": "model"})
     assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "size_bytes"
-    over_quota = client.post("/v1/uploads", json={"filename": "d.jsonl", "size_bytes": 300 * 1024 * 1024,
-                                                   "purpose": "dataset"})
+    # Under the per-file limit, over the tenant's storage limit (200 MiB in the test stacks).
+    over_quota = client.post("/v1/uploads", json={"filename": "m.tar.gz", "size_bytes": 300 * 1024 * 1024,
+                                                   "purpose": "model"})
     assert over_quota.status_code == 413 and "storage limit" in over_quota.json()["error"]["message"]
     bad_name = client.post("/v1/uploads", json={"filename": "../x.tar.gz", "size_bytes": 10, "purpose": "model"})
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "filename"
