@@ -54,7 +54,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -467,7 +467,7 @@ def run_row(job: RowJob) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     import worker.engine.pipeline  # noqa: F401  (first: the method modules import export)
-    from worker.engine.export import load_model, write_checkpoint
+    from worker.engine.export import load_model, resolve_format, write_checkpoint
     from worker.engine.pipeline import EngineContext, run_pipeline
     from worker.evaluate import perplexity, weight_stats
 
@@ -488,7 +488,7 @@ def run_row(job: RowJob) -> dict[str, Any]:
     started = time.perf_counter()
     stage_metrics = run_pipeline(model, stages, ctx)
     compress_s = time.perf_counter() - started
-    fmt = "compressed-tensors" if ctx.quantized else "dense"  # what a job with format auto picks
+    fmt = resolve_format("auto", ctx)  # what a job with the default output format writes
     artifact_dir = work / "artifact"
     export = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, model_dir)
     peak_rss_mib = peak_rss_mib_of_this_process()
