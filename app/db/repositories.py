@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Base, Job, JobStatus
@@ -58,7 +58,7 @@ def page(
 
 
 def jobs_using_model(session: Session, model_id: str) -> int:
-    return len(session.scalars(select(Job.id).where(Job.model_id == model_id)).all())
+    return session.scalar(select(func.count()).select_from(Job).where(Job.model_id == model_id))
 
 
 def active_jobs(session: Session, tenant_id: str) -> list[Job]:
@@ -111,7 +111,12 @@ def expired_leases(session: Session, now: datetime) -> list[Job]:
 
 
 def active_job_count(session: Session, tenant_id: str) -> int:
-    return len(active_jobs(session, tenant_id))
+    # Counted in SQL: this runs on every job submission.
+    return session.scalar(
+        select(func.count()).select_from(Job).where(
+            Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+        )
+    )
 
 
 def cancel_if_queued(session: Session, job_id: str, now) -> bool:
