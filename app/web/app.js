@@ -1422,6 +1422,8 @@ async function renderJobs() {
 function stopStream() {
   if (state.stream) state.stream.abort();
   state.stream = null;
+  // A stale "Finished" must not describe the next job shown (or this one, shown again).
+  $("#job-stream-state").textContent = "";
 }
 
 let currentJob = null;

@@ -315,6 +315,10 @@ def test_cancel_button_stops_a_job_and_the_live_view_says_so(pg_stack, page, tmp
 
     page.route("**/events/stream*", cut_first_stream)
     page.get_by_role("link", name="Jobs", exact=True).click()
+    # Leaving the job view ends its stream and clears its state line, so the "Finished" below
+    # can only come from the new stream (the hash change is handled asynchronously).
+    expect(page.locator("#view-jobs")).to_be_visible()
+    expect(page.locator("#job-stream-state")).to_have_text("")
     page.goto(f"{pg_stack.url}/ui/#/jobs/{job_id}")
     expect(page.locator("#job-stream-state")).to_have_text("Finished", timeout=30_000)
     assert asked_with[:2] == [None, str(events[0]["id"])]
