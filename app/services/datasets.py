@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from app.checkpoints import CheckpointError, plain_file_name
 from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, Job, new_id
@@ -74,7 +75,7 @@ def create_dataset(
             raise APIError("dataset is empty", param="file")
         check_storage(session, tenant_id, size, param="file")
         dataset = Dataset(
-            id=new_id("ds"), tenant_id=tenant_id, metadata_=metadata or {}, name=(name or filename or "dataset")[:200], format=fmt,
+            id=new_id("ds"), tenant_id=tenant_id, metadata_=metadata or {}, name=(name or _default_name(filename, stored_name))[:200], format=fmt,
             filename=stored_name, num_records=records, size_bytes=size, sha256=digest.hexdigest(),
         )
         final = store.commit_dir(staging, "datasets", dataset.id)
@@ -88,6 +89,15 @@ def create_dataset(
         raise
     finally:
         store.discard(staging)
+
+
+def _default_name(filename: str | None, stored_name: str) -> str:
+    """The client's file name when it is a plain one; one with folders, '..', NUL or control
+    characters is never kept (PostgreSQL cannot even store a NUL): the server's name is used."""
+    try:
+        return plain_file_name(filename)
+    except CheckpointError:
+        return stored_name
 
 
 def _check_jsonl_line(line: str, number: int) -> int:

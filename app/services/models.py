@@ -11,7 +11,7 @@ from app.checkpoints import CheckpointError, UploadLimits, inspect_checkpoint, s
 from app.config import get_settings
 from app.db import repositories
 from app.db.models import Model, new_id
-from app.errors import APIError, Conflict, NotFound
+from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
 from app.storage import LocalStore
 
@@ -58,7 +58,9 @@ def create_model(
         session.commit()
         return model
     except CheckpointError as exc:
-        raise APIError(exc.message, param=exc.param, status_code=exc.status_code) from exc
+        # A size limit is a 413 with the same error type as every other 413.
+        error = PayloadTooLarge if exc.status_code == 413 else APIError
+        raise error(exc.message, param=exc.param, status_code=exc.status_code) from exc
     except BaseException:
         session.rollback()
         if final is not None:

@@ -157,8 +157,12 @@ def complete_upload(session: Session, store: LocalStore, upload: Upload, sha256:
         assembled.unlink()
         raise APIError(f"sha256 mismatch: the parts assemble to {digest.hexdigest()}; re-send the parts "
                        "that differ and complete again", param="sha256")
-    with assembled.open("rb") as stream:
-        result = _ingest(session, store, upload, stream, name, metadata)
+    try:
+        with assembled.open("rb") as stream:
+            result = _ingest(session, store, upload, stream, name, metadata)
+    finally:
+        # Refused or not, the assembled copy is done with: the parts stay for a retry.
+        assembled.unlink(missing_ok=True)
     upload.status, upload.result_id = "completed", result
     session.commit()
     shutil.rmtree(folder, ignore_errors=True)
