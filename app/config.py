@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_tenant_storage_bytes: int = 1024 * GiB  # models + datasets + artifacts of one tenant
     upload_part_max_bytes: int = 64 * MiB
     upload_ttl_s: int = 7 * 24 * 3600
+    # Staging files nobody has written to for this long belong to a request that died with its
+    # API process (every live body writes at least once per body_idle_timeout_s): swept.
+    staging_max_idle_s: float = 3600.0
 
     # Worker behaviour for long jobs.
     worker_concurrency: int = 1
@@ -66,7 +69,7 @@ class Settings(BaseSettings):
     progress_interval_s: float = 0.5
     job_lease_s: float = 60.0  # a worker silent this long is presumed dead and its job retried
     job_max_attempts: int = 3
-    job_memory_limit_bytes: int | None = None  # address-space limit of a job's worker process
+    job_memory_limit_bytes: int | None = None  # memory a job may map beyond its worker's idle footprint
     reconcile_interval_s: float = 10.0
     max_active_jobs_per_tenant: int = 20  # queued + running; more answers 429
 

@@ -3,7 +3,9 @@ agreement. Every ``reconcile_interval_s`` it
 
 - queues again (or fails, past ``job_max_attempts``) the jobs whose worker stopped renewing its
   lease, and
-- sends the jobs that were accepted while the broker was down.
+- sends the jobs that were accepted while the broker was down, and
+- sweeps the storage's temporary folder: staging left by uploads whose API process died
+  mid-request, and the parts of resumable uploads past their expiry.
 
 Every step is a conditional update, so any number of API replicas may run it at once.
 """
@@ -11,10 +13,18 @@ Every step is a conditional update, so any number of API replicas may run it at 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+from sqlalchemy import delete, select
 
 from app.background import PeriodicThread
 from app.config import get_settings
+from app.db.models import Upload, UploadPart, utcnow
 from app.db.session import session_scope
+from app.storage import LIVE_STAGING, get_store
 
 log = logging.getLogger("squeeze.reconciler")
 
@@ -28,7 +38,72 @@ def reconcile_once() -> tuple[int, int]:
         sent = resend_unsent(session)
     if reclaimed or sent:
         log.info("reconciled: %d jobs of lost workers handled, %d queued jobs sent", reclaimed, sent)
+    swept = sweep_storage()
+    if swept:
+        log.info("swept %d abandoned temporary files and folders", swept)
     return reclaimed, sent
+
+
+# An upload's staging folder is "staging-<32 hex>"; a job's carries the job id and is the
+# worker's to clean (or the lease reclaimer's, when the worker died).
+_UPLOAD_STAGING = re.compile(r"staging-[0-9a-f]{32}")
+
+
+def sweep_storage() -> int:
+    """Expire the resumable uploads past their time and remove what interrupted requests left
+    in the storage's ``tmp/``. Returns how many things were removed."""
+    store = get_store()
+    return expire_uploads(store) + sweep_temporary(store.root / "tmp", get_settings().staging_max_idle_s)
+
+
+def expire_uploads(store) -> int:
+    """Pending resumable uploads past ``expires_at`` become ``expired``; their parts go."""
+    from app.services.uploads import parts_dir
+
+    with session_scope() as session:
+        expired = list(session.scalars(select(Upload.id).where(Upload.status == "pending", Upload.expires_at < utcnow())))
+        if expired:
+            session.execute(delete(UploadPart).where(UploadPart.upload_id.in_(expired)))
+            for upload in session.scalars(select(Upload).where(Upload.id.in_(expired))):
+                upload.status = "expired"
+    for upload_id in expired:
+        shutil.rmtree(parts_dir(store, upload_id), ignore_errors=True)
+    return len(expired)
+
+
+def sweep_temporary(tmp: Path, max_idle_s: float) -> int:
+    """Remove upload staging folders and half-received parts nobody wrote to for ``max_idle_s``
+    (their request died with its API process), and the trash of interrupted deletes.
+
+    Idle time is the only sign of abandonment another API replica can see, so ``max_idle_s``
+    must exceed the longest validation of an upload; this process's own live staging is never
+    taken, nor a job's (the worker's, or the lease reclaimer's, to clean).
+
+    >>> sweep_temporary(store.root / "tmp", max_idle_s=3600)   # doctest: +SKIP
+    """
+    cutoff = time.time() - max_idle_s
+    swept = 0
+    for path in tmp.iterdir():
+        if _UPLOAD_STAGING.fullmatch(path.name) or path.name.startswith("deleted-"):
+            if path not in LIVE_STAGING and _last_write(path) < cutoff:
+                log.info("removing %s: untouched for %.0f s", path.name, time.time() - _last_write(path))
+                shutil.rmtree(path, ignore_errors=True)
+                swept += 1
+        elif path.name.startswith("upload-"):  # a part cut off mid-body; received parts stay
+            for partial in path.glob(".part-*"):
+                if _last_write(partial) < cutoff:
+                    log.info("removing %s/%s: untouched for %.0f s", path.name, partial.name, time.time() - _last_write(partial))
+                    partial.unlink(missing_ok=True)
+                    swept += 1
+    return swept
+
+
+def _last_write(path: Path) -> float:
+    try:
+        times = [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")] if path.is_dir() else [path.stat().st_mtime]
+    except FileNotFoundError:  # removed meanwhile by its owner
+        return time.time()
+    return max(times)
 
 
 class Reconciler(PeriodicThread):

@@ -7,6 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from app.specs import RequestModel
+
 T = TypeVar("T")
 
 
@@ -98,8 +100,7 @@ class Deleted(BaseModel):
     deleted: Literal[True] = True
 
 
-class ApiKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ApiKeyCreate(RequestModel):
 
     tenant: str = Field(min_length=1, max_length=100, description="tenant name; created if new")
     name: str = Field(min_length=1, max_length=100)

@@ -23,9 +23,33 @@ from pydantic import (AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Discrim
                       field_validator, model_validator)
 
 
-class _Strict(BaseModel):
-    # A misspelt field is an error, not a silently ignored default.
+def has_nul(value: Any) -> bool:
+    """True if a NUL is in ``value`` or in any string inside it (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_nul(v) for v in value)
+    return False
+
+
+class RequestModel(BaseModel):
+    """Base of every request body. A misspelt field is an error, not a silently ignored
+    default; a NUL in any text is refused with its field (PostgreSQL can neither store nor even
+    compare such text, and no name, id or label needs one)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if has_nul(value):
+            raise ValueError("text must not contain NUL bytes")
+        return value
+
+
+_Strict = RequestModel
 
 
 def _type_and_method_required(schema: dict[str, Any]) -> None:
@@ -271,6 +295,8 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
     for key, item in value.items():
         if not key or len(key) > 40 or len(item) > 500:
             raise ValueError("metadata keys are 1-40 characters, values at most 500")
+        if has_nul(key) or has_nul(item):
+            raise ValueError("metadata must not contain NUL bytes")
     return value
 
 

@@ -21,6 +21,10 @@ from app.config import get_settings
 
 CHUNK = 1024 * 1024
 
+# The staging folders this process is still using (an upload being validated may not write for
+# a while): the sweep of abandoned staging never takes them, whatever their age.
+LIVE_STAGING: set[Path] = set()
+
 
 class LocalStore:
     """Artifacts in a local (or network-mounted) folder shared by the API and the workers."""
@@ -35,6 +39,7 @@ class LocalStore:
         """A fresh private folder; ``owner`` (a job id) lets ``discard_staging`` find it later."""
         path = self.root / "tmp" / f"staging-{owner + '-' if owner else ''}{uuid.uuid4().hex}"
         path.mkdir()
+        LIVE_STAGING.add(path)
         return path
 
     def discard_staging(self, owner: str) -> int:
@@ -53,6 +58,7 @@ class LocalStore:
         """Publish a fully written staging folder under its final name in one rename."""
         final = self.path(kind, object_id)
         os.replace(staging, final)
+        LIVE_STAGING.discard(staging)
         return final
 
     def delete(self, kind: str, object_id: str) -> None:
@@ -67,6 +73,7 @@ class LocalStore:
     @staticmethod
     def discard(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+        LIVE_STAGING.discard(path)
 
 
 def sha256_file(path: Path) -> str:

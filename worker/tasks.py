@@ -8,6 +8,8 @@ succeeded without its artifact, nor half an artifact.
 
 from __future__ import annotations
 
+import errno
+import gc
 import logging
 import os
 import socket
@@ -15,6 +17,7 @@ import tarfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +57,11 @@ def run_job(job_id: str) -> None:
     if not claimed:
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
-    _limit_memory(settings.job_memory_limit_bytes)
     heartbeat = Heartbeat(job_id, worker_id, settings.job_lease_s)
     heartbeat.start()
     try:
-        JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat).run()
+        with memory_budget(settings.job_memory_limit_bytes):
+            JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat).run()
     finally:
         heartbeat.stop()
 
@@ -86,13 +89,53 @@ def best_effort(work) -> None:
         log.warning("database unavailable (%s); progress not recorded", type(exc.orig).__name__)
 
 
-def _limit_memory(limit: int | None) -> None:
-    """A job past its memory budget fails with MemoryError (a clear reason) instead of the
-    kernel's OOM killer taking the whole worker."""
-    if limit:
-        import resource
+@contextmanager
+def memory_budget(limit: int | None):
+    """While a job runs, its worker process may map at most ``limit`` bytes more than it had
+    when the job started (RLIMIT_AS, soft limit only): past that, allocations fail with a
+    MemoryError the job reports as ``out_of_memory``, instead of the kernel's OOM killer taking
+    the whole worker. The limit is lifted again afterwards, for the next job in this process."""
+    size = _address_space_bytes() if limit else None
+    if size is None:
+        yield
+        return
+    import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    ceiling = size + limit if hard == resource.RLIM_INFINITY else min(size + limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space_bytes() -> int | None:
+    """This process's mapped address space (VmSize), or None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def describe_failure(exc: BaseException, settings) -> tuple[str, str]:
+    """The (type, message) a failed job reports. Running out of memory or of disk gets a name
+    of its own and says which limit was hit, so a client knows what to change."""
+    text = str(exc)[:2000] or repr(exc)
+    out_of_memory = isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("allocate memory", "out of memory", "not enough memory")))
+    if out_of_memory:
+        limit = settings.job_memory_limit_bytes
+        budget = (f" (a job may use {limit / 2**20:.0f} MiB: SQUEEZE_JOB_MEMORY_LIMIT_BYTES)" if limit else "")
+        return "out_of_memory", f"the job ran out of memory{budget}: {text}"
+    # safetensors' writer reports the OS error as text ("... (os error 28)"), not as an OSError.
+    if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in text:
+        return "disk_full", f"no space left on the artifact storage while the job wrote its files: {text}"
+    return type(exc).__name__, text
 
 
 class Heartbeat:
@@ -153,6 +196,7 @@ class JobRunner:
 
         store = get_store()
         staging = store.staging_dir(owner=self.job_id)
+        failure = None
         try:
             metrics, artifact = self._execute(staging)
             if self._finish(JobStatus.SUCCEEDED, metrics=metrics, **artifact):
@@ -169,9 +213,14 @@ class JobRunner:
                          f"the job ran longer than {self.settings.job_soft_time_limit_s} s"))
         except Exception as exc:  # every failure ends as a failed job with its reason
             log.exception("job %s failed", self.job_id)
-            self._finish(JobStatus.FAILED, error=(type(exc).__name__, str(exc)[:2000] or repr(exc)))
+            failure = describe_failure(exc, self.settings)
         finally:
             store.discard(staging)
+        if failure:
+            # Recorded outside the except block: the traceback's frames (and the tensors they
+            # hold) are gone by now, which matters when the failure was running out of memory.
+            gc.collect()
+            self._finish(JobStatus.FAILED, error=failure)
 
     def _remove_other_artifacts(self, store, keep: str) -> None:
         # Attempts write under their own name; once one has won, the others' files go.

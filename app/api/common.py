@@ -14,6 +14,9 @@ from app.specs import Metadata
 
 _metadata_adapter = TypeAdapter(Metadata)
 
+# A display name: any text but NUL and other control characters.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
 
 @dataclass
 class ListQuery:
@@ -41,6 +44,10 @@ def list_query(
         for key, value in request.query_params.multi_items()
         if key.startswith("metadata[") and key.endswith("]")
     }
+    # PostgreSQL cannot compare text holding a NUL: refused here, with the parameter at fault.
+    for name, value in [("after", after or ""), *((f"metadata[{k}]", k + v) for k, v in metadata.items())]:
+        if "\x00" in value:
+            raise APIError("query parameters must not contain NUL bytes", param=name, status_code=422)
     return ListQuery(limit, after, created_after, created_before, metadata)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from sqlalchemy.orm import Session
 
-from app.api.common import ListQuery, list_query, parse_metadata_form
+from app.api.common import NAME_PATTERN, ListQuery, list_query, parse_metadata_form
 from app.auth import Principal, current_principal
 from app.db import repositories
 from app.db.models import Dataset
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses=error_respon
 @router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 409, 413, 422))
 def upload_dataset(
     file: UploadFile = File(description='a UTF-8 .txt file, or .jsonl with {"text": ...} per line'),
-    name: str | None = Form(default=None, max_length=200),
+    name: str | None = Form(default=None, max_length=200, pattern=NAME_PATTERN),
     metadata: str | None = Form(default=None, description="JSON object of strings"),
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from sqlalchemy.orm import Session
 
-from app.api.common import ListQuery, list_query, parse_metadata_form
+from app.api.common import NAME_PATTERN, ListQuery, list_query, parse_metadata_form
 from app.auth import Principal, current_principal
 from app.db import repositories
 from app.db.models import Model
@@ -24,7 +24,7 @@ def upload_model(
         description="The files `save_pretrained` writes (config.json, *.safetensors, tokenizer "
         "files), or one .zip / .tar / .tar.gz holding them"
     ),
-    name: str | None = Form(default=None, max_length=200),
+    name: str | None = Form(default=None, max_length=200, pattern=NAME_PATTERN),
     metadata: str | None = Form(default=None, description='JSON object of strings, e.g. {"team": "search"}'),
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),

@@ -15,14 +15,13 @@ from app.db.models import Upload
 from app.db.session import get_session, session_scope
 from app.errors import error_responses
 from app.services import uploads as service
-from app.specs import Metadata
+from app.specs import Metadata, RequestModel
 from app.storage import LocalStore, get_store
 
 router = APIRouter(prefix="/uploads", tags=["uploads"], responses=error_responses(401))
 
 
-class UploadCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UploadCreate(RequestModel):
 
     filename: str = Field(min_length=1, max_length=255, description="model.tar.gz, or data.jsonl for a dataset")
     size_bytes: int = Field(ge=1, description="the whole file's size")
@@ -30,8 +29,7 @@ class UploadCreate(BaseModel):
     part_size: int = Field(default=8 * 1024 * 1024, ge=1024, description="bytes per part, except the last")
 
 
-class UploadComplete(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UploadComplete(RequestModel):
 
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="of the whole file; verified before use")
     name: str | None = Field(default=None, max_length=200)
@@ -52,7 +50,7 @@ class UploadOut(BaseModel):
     size_bytes: int
     part_size: int
     parts_expected: int
-    status: Literal["pending", "completed", "aborted"]
+    status: Literal["pending", "completed", "aborted", "expired"]
     parts: list[PartOut]
     model_id: str | None = None
     dataset_id: str | None = None

@@ -224,7 +224,7 @@ class Upload(Base):
     purpose: Mapped[str] = mapped_column(String(20))  # model | dataset
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     part_size: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | completed | aborted
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | completed | aborted | expired
     result_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

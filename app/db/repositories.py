@@ -15,6 +15,8 @@ Row = TypeVar("Row", bound=Base)
 
 def get(session: Session, model: type[Row], object_id: str, tenant_id: str) -> Row | None:
     """The row if it exists in this tenant. Another tenant's row is reported as absent."""
+    if "\x00" in object_id:  # no id has one, and PostgreSQL cannot even compare it
+        return None
     row = session.get(model, object_id)
     return row if row is not None and row.tenant_id == tenant_id else None
 

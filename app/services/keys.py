@@ -32,7 +32,7 @@ def create_key(session: Session, tenant_name: str, name: str, admin: bool) -> tu
 
 
 def revoke_key(session: Session, key_id: str) -> ApiKey:
-    key = session.get(ApiKey, key_id)
+    key = session.get(ApiKey, key_id) if "\x00" not in key_id else None
     if key is None:
         raise NotFound(f"no API key {key_id!r}", param="key_id")
     if key.revoked_at is not None:

@@ -76,7 +76,7 @@ def create_upload(session: Session, store: LocalStore, tenant_id: str, filename:
 
 
 def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
-    upload = session.get(Upload, upload_id)
+    upload = session.get(Upload, upload_id) if "\x00" not in upload_id else None
     if upload is None or upload.tenant_id != tenant_id:
         raise NotFound(f"no upload {upload_id!r}", param="upload_id")
     return upload

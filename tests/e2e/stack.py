@@ -78,7 +78,7 @@ class ServiceStack:
     # -- processes ------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("wb")
+        log = (self.workdir / f"{name}.log").open("ab")  # a restarted process adds to its log
         proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.processes.append((name, proc))
@@ -90,12 +90,21 @@ class ServiceStack:
                                   "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
                                   "--hostname", f"{name}-{secrets.token_hex(3)}@%h"])
 
+    def start_api(self, wait: bool = False) -> subprocess.Popen:
+        proc = self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
+                                   "--host", "127.0.0.1", "--port", str(self.port)])
+        if wait:
+            self._wait_healthy()
+        return proc
+
     def kill(self, name: str) -> None:
         """SIGKILL a process and its children, as a crashed machine would stop them."""
-        for process_name, proc in self.processes:
+        for entry in list(self.processes):
+            process_name, proc = entry
             if process_name == name and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+                self.processes.remove(entry)  # gone on purpose: not an early exit
 
     def start(self, with_worker: bool = True) -> "ServiceStack":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +115,7 @@ class ServiceStack:
                            env=self.env, check=True, capture_output=True)
             if with_worker:
                 self.start_worker()
-            self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
-                                "--host", "127.0.0.1", "--port", str(self.port)])
+            self.start_api()
         self._wait_healthy()
         self.admin_key = self.create_key("tenant-a", admin=True)
         self.client = self.client_for(self.admin_key)

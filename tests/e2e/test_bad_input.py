@@ -132,3 +132,40 @@ def test_model_and_dataset_delete(stack, tmp_path):
     assert not (stack.storage_root / "models" / model["id"]).exists()
     assert stack.client.delete(f"/v1/datasets/{dataset['id']}").status_code == 200
     assert stack.client.get(f"/v1/datasets/{dataset['id']}").status_code == 404
+
+
+NUL = "a\x00b"
+
+
+@pytest.mark.parametrize("case", ["model name", "dataset name", "model metadata", "job metadata",
+                                  "job model_id", "path id", "list filter"])
+def test_nul_bytes_anywhere_are_a_4xx_naming_the_field(pg_stack, good_files, case):
+    # PostgreSQL cannot store or even compare a NUL in text: it must be refused before the query.
+    client = pg_stack.client
+    if case == "model name":
+        response = client.post("/v1/models", files=[("files", f) for f in good_files], data={"name": NUL})
+        expected = (422, "name")
+    elif case == "dataset name":
+        response = client.post("/v1/datasets", files={"file": ("c.txt", b"some text")}, data={"name": NUL})
+        expected = (422, "name")
+    elif case == "model metadata":
+        response = client.post("/v1/models", files=[("files", f) for f in good_files],
+                               data={"metadata": json.dumps({"team": NUL})})
+        expected = (422, "metadata")
+    elif case == "job metadata":
+        response = client.post("/v1/jobs", json={"model_id": "mdl_x", "metadata": {NUL: "v"},
+                                                 "stages": [{"type": "prune", "method": "random", "sparsity": 0.1}]})
+        expected = (422, "metadata")
+    elif case == "job model_id":
+        response = client.post("/v1/jobs", json={"model_id": NUL,
+                                                 "stages": [{"type": "prune", "method": "random", "sparsity": 0.1}]})
+        expected = (422, "model_id")
+    elif case == "path id":
+        response = client.get("/v1/models/mdl%00x")
+        expected = (404, "model_id")
+    else:
+        response = client.get("/v1/jobs", params={"metadata[team]": NUL})
+        expected = (422, "metadata")
+    assert response.status_code == expected[0], response.text
+    error = response.json()["error"]
+    assert expected[1] in (error["param"] or ""), error

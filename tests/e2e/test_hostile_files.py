@@ -476,7 +476,8 @@ def test_hostile_resumable_file_name_is_refused_on_create(stack, state, filename
     before = state.take()
     response = stack.client.post("/v1/uploads", json={"filename": filename, "size_bytes": 1024,
                                                       "purpose": "model"})
-    assert_refused(response, 400, phrase, param="filename")
+    # A NUL is refused by the body's validation, before the name's own checks: a 422.
+    assert_refused(response, 422 if "\x00" in filename else 400, phrase, param="filename")
     state.assert_unchanged(before)
 
 
