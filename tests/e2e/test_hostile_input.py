@@ -1,4 +1,4 @@
-"""Every hostile file of issue 5, sent through the real HTTP API of a live stack.
+"""Every hostile file and request of issue 5, sent through the real HTTP API of a live stack.
 
 Each case is refused with its exact 4xx, the error envelope ``{"error": {"type", "message",
 "param"}}`` with a message that names the problem, and leaves storage and database exactly as
@@ -9,6 +9,9 @@ Checkpoints go to ``POST /v1/models`` as multipart files or as one .zip / .tar.g
 ``POST /v1/datasets``; the pickle and archive cases also take the resumable path
 (``/v1/uploads`` -> parts -> complete). The stack keeps the default limits for archives and
 headers (see ``app.config.Settings``); each case is built to pass them cheaply.
+
+Hostile requests (at the end): bodies over the limits, thousands of multipart parts, a stalled
+body, a client gone mid-upload, absurd spec values; each checked the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import socket
 import stat
 import tarfile
 import time
@@ -507,4 +511,106 @@ def test_hostile_dataset_file_name_is_replaced_by_the_servers(stack, state, name
     assert not Path(f"/tmp/{ESCAPE}.txt").exists()
     # Deleting it restores storage and database exactly.
     assert stack.client.delete(f"/v1/datasets/{dataset['id']}").status_code == 200
+    state.assert_unchanged(before)
+
+
+# --- hostile requests -------------------------------------------------------------------------
+
+
+def _raw(stack, head: bytes, body_parts: list[bytes], pause: float = 0.0, read: bool = True) -> tuple[int, dict]:
+    """Send a request by hand (a declared length the body never reaches, a stall, a hang-up):
+    returns the status and the JSON body of the answer, or (0, {}) when not read."""
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+            time.sleep(pause)
+        if not read:
+            return 0, {}
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed without an answer: {data!r}"
+            data += chunk
+        head_bytes, _, body = data.partition(b"\r\n\r\n")
+        lines = head_bytes.split(b"\r\n")
+        length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(lines[0].split()[1]), json.loads(body)
+
+
+def _multipart_head(stack, path: str, length: int, boundary: str = "xyz") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {stack.admin_key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+class _Answer:
+    """A hand-read answer with the shape of an httpx response, for ``assert_refused``."""
+
+    def __init__(self, status: int, body: dict):
+        self.status_code, self._body = status, body
+        self.text = json.dumps(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+def test_declared_oversized_body_is_413_before_it_is_read(stack, state):
+    before = state.take()
+    answer = _Answer(*_raw(stack, _multipart_head(stack, "/v1/datasets", 10 * 1024**3), []))
+    assert_refused(answer, 413, "larger than", param=None)
+    state.assert_unchanged(before)
+
+
+def test_streamed_oversized_body_is_413_at_the_limit(stack, state):
+    # No length declared up front: counted as it arrives, refused past the dataset limit (4 MiB).
+    before = state.take()
+    big = b"All the world's a stage.\n" * 200_000
+    response = stack.client.post("/v1/datasets", files={"file": ("big.txt", big)})
+    assert_refused(response, 413, "larger than", param="file")
+    state.assert_unchanged(before)
+
+
+def test_thousands_of_multipart_parts_are_refused(stack, state):
+    before = state.take()
+    response = stack.client.post("/v1/models", files=[("files", (f"f{i}.json", b"{}")) for i in range(1500)])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "too many" in error["message"].lower(), error
+    state.assert_unchanged(before)
+
+
+def test_a_stalled_upload_times_out_and_leaves_nothing(stack, state):
+    before = state.take()
+    body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.txt\"\r\n\r\nsome text"
+    status, answer = _raw(stack, _multipart_head(stack, "/v1/datasets", len(body) + 1000), [body])  # never ends
+    assert status == 408 and answer["error"]["type"] == "request_timeout", answer
+    assert "abandoned" in answer["error"]["message"]
+    state.assert_unchanged(before)
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing(stack, state):
+    before = state.take()
+    body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.txt\"\r\n\r\n" + b"a" * 100_000
+    _raw(stack, _multipart_head(stack, "/v1/datasets", len(body) + 100_000), [body], read=False)
+    time.sleep(1.0)
+    state.assert_unchanged(before)
+
+
+@pytest.mark.parametrize("spec, param, phrase", [
+    ({"stages": [{"type": "prune", "method": "magnitude", "sparsity": 1.0}]}, "stages.0.sparsity", "less than 1"),
+    ({"stages": [{"type": "quantize", "method": "rtn"}], "calibration": {"dataset_id": "ds", "samples": 10**9}},
+     "calibration.samples", "less than or equal to 4096"),
+    ({"stages": [{"type": "distill", "method": "kd", "dataset_id": "ds", "steps": -5}]}, "stages.0.steps",
+     "greater than or equal to 1"),
+    ({"stages": []}, "stages", "at least 1"),
+], ids=["sparsity-1.0", "calibration-1e9-samples", "negative-steps", "no-stages"])
+def test_absurd_spec_values_are_rejected_at_validation(stack, state, spec, param, phrase):
+    before = state.take()
+    response = stack.client.post("/v1/jobs", json={"model_id": "mdl_x", **spec})
+    assert_refused(response, 422, phrase, param=param)
     state.assert_unchanged(before)
