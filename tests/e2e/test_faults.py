@@ -55,7 +55,7 @@ def redis(tmp_path):
 def _long_job(client, tmp_path) -> dict:
     """A job that spends several seconds evaluating a long text: time to hurt it mid-way."""
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
-    dataset = upload_dataset(client, text=CORPUS * 30, filename="long.txt")
+    dataset = upload_dataset(client, text=CORPUS * 15, filename="long.txt")
     response = client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
         "evaluation": {"dataset_id": dataset["id"], "seq_len": 32, "stride": 8, "max_tokens": 10_000_000}})
@@ -81,7 +81,7 @@ def test_sigkilled_worker_job_finishes_exactly_once_on_another(tmp_path, redis):
         _wait_stage(client, job["id"], "evaluate.before")
         stack.kill("worker")
         stack.start_worker("worker-2")
-        done = wait_for(client, job["id"], timeout=300)
+        done = wait_for(client, job["id"], timeout=420)
         assert done["status"] == "succeeded", stack.logs()
         assert done["attempts"] == 2
         events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
@@ -119,7 +119,7 @@ def test_broker_restarted_mid_job(tmp_path, redis):
         redis.stop()
         time.sleep(1)
         redis.start()
-        done = wait_for(client, job["id"], timeout=300)
+        done = wait_for(client, job["id"], timeout=420)
         assert done["status"] == "succeeded", stack.logs()
         assert done["attempts"] == 1
         # The worker reconnected: a job submitted after the restart runs too.
@@ -172,7 +172,7 @@ def test_postgres_restarted_mid_job(tmp_path, redis):
         job = _long_job(client, tmp_path)
         _wait_stage(client, job["id"], "evaluate.before")
         _restart_postgres()
-        done = wait_for(client, job["id"], timeout=300)
+        done = wait_for(client, job["id"], timeout=420)
         assert done["status"] == "succeeded", stack.logs()
         assert len(list((stack.storage_root / "artifacts").glob(f"{job['id']}*"))) == 1
         # The API reconnected too: new work is accepted and runs.
