@@ -7,6 +7,10 @@ here: every method of the engine, run as a job runs it, and llm-compressor's equ
     nice -n 19 python -m bench.quality                # both models, every row, llm-compressor too
     nice -n 19 python -m bench.quality --models llama --rows dense,sparsegpt-50 --no-llmcompressor
     python -m bench.quality --quick --models gpt2 --rows magnitude-50 --no-llmcompressor  # smoke
+    # a longer-trained model (cached under its own recipe), only the quantization rows:
+    nice -n 19 python -m bench.quality --train-steps 1200 --rows dense,rtn-int4-g128,gptq-int4-g128 --no-llmcompressor
+    # a wider Llama, whose config accepts 3 of its 4 heads (384 % 3 == 0; 256 % 3 != 0):
+    nice -n 19 python -m bench.quality --models llama --width 384 --llama-mlp 1152 --rows dense,structured-25
 
 Once per model (a GPT-2 and a Llama, ~4M parameters each):
 
@@ -14,7 +18,10 @@ Once per model (a GPT-2 and a Llama, ~4M parameters each):
    markup removed. The last 10 % is held out; the tokenizer, the model, the calibration samples
    and the distillation text all come from the first 90 %.
 2. **Model.** A byte-level BPE tokenizer and the model are trained on the CPU for a fixed number
-   of steps and cached under ``bench/.cache/`` by a hash of the recipe: a rerun skips training.
+   of steps (``--train-steps``, 300 by default) and cached under ``bench/.cache/`` by a hash of
+   the recipe (sizes, steps, learning rate...): a rerun skips training, and a model trained
+   longer or sized differently (``--width``, ``--heads``, ``--gpt2-mlp``, ``--llama-mlp``) gets
+   its own folder.
 3. **Rows** (``ROWS``). Each row runs in a fresh subprocess, as a worker would run the job:
    ``run_pipeline`` on the stages, ``write_checkpoint`` in the format a job picks
    (compressed-tensors when a stage quantized, dense otherwise), the artifact loaded back with
@@ -54,7 +61,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,15 +104,16 @@ class Settings:
     heads: int = 4
     gpt2_mlp: int = 1024  # GPT-2's usual 4 x width
     llama_mlp: int = 768  # SwiGLU: 3 x width keeps the parameter count close to GPT-2's
-    # training: a fixed number of steps, ~8 min on an idle 2-core machine. The cap counts CPU
-    # time (all threads), so that a machine shared with others does not cut training short;
-    # it only stops a run on a much slower machine.
+    # training: a fixed number of steps (``--train-steps``; 300 are ~8 min on an idle 2-core
+    # machine). The cap counts CPU time (all threads), so that a machine shared with others
+    # does not cut training short; it only stops a run on a much slower machine. It scales
+    # with the steps (4 CPU-s a step: 20 CPU-min for 300).
     train_chars: int | None = None  # cut the training split (QUICK)
     train_steps: int = 300
     train_batch: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 30
-    train_cpu_minutes_cap: float = 20.0
+    train_cpu_seconds_per_step_cap: float = 4.0
     # measurement
     eval_tokens: int = 16384
     calibration_samples: int = 64
@@ -118,6 +126,10 @@ class Settings:
     @property
     def eval_stride(self) -> int:
         return self.context // 2
+
+    @property
+    def train_cpu_minutes_cap(self) -> float:
+        return self.train_steps * self.train_cpu_seconds_per_step_cap / 60
 
     def recipe(self, arch: str, corpus_sha: str) -> dict[str, Any]:
         """What a trained model depends on: the key of its cache folder."""
@@ -422,7 +434,7 @@ class RowJob:
     """What a row's subprocess needs (passed as JSON on its command line)."""
 
     row: str
-    settings: str
+    settings: dict[str, Any]  # asdict(Settings): the run's settings, command-line overrides included
     model_dir: str
     inputs: str
     train_text: str
@@ -471,7 +483,7 @@ def run_row(job: RowJob) -> dict[str, Any]:
     from worker.engine.pipeline import EngineContext, run_pipeline
     from worker.evaluate import perplexity, weight_stats
 
-    settings = SETTINGS[job.settings]
+    settings = Settings(**job.settings)
     stages = ROWS_BY_NAME[job.row].stages(settings)
     missing = missing_handlers(stages)
     if missing:
@@ -799,7 +811,6 @@ def log(message: str) -> None:
 # Command line
 
 
-SETTINGS = {"full": FULL, "quick": QUICK}
 MODELS = ("gpt2", "llama")
 
 
@@ -811,6 +822,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: gpt2,llama")
     parser.add_argument("--rows", default="all", help="comma-separated row names, or all")
     parser.add_argument("--quick", action="store_true", help="tiny models and budgets: a smoke run")
+    parser.add_argument("--train-steps", type=int, metavar="N",
+                        help="train the models for N steps instead of the settings' "
+                             f"{FULL.train_steps} (--quick: {QUICK.train_steps}); the learning "
+                             "rate's cosine decay spans the N steps, and the model is cached "
+                             "under its own recipe")
+    parser.add_argument("--width", type=int, metavar="N", help="the models' hidden size")
+    parser.add_argument("--heads", type=int, metavar="N", help="attention heads per layer")
+    parser.add_argument("--gpt2-mlp", type=int, metavar="N", help="GPT-2's MLP width")
+    parser.add_argument("--llama-mlp", type=int, metavar="N", help="Llama's SwiGLU MLP width")
     parser.add_argument("--no-llmcompressor", action="store_true", help="skip the comparison")
     parser.add_argument("--setup-llmcompressor", action="store_true",
                         help=f"only create {LLMCOMPRESSOR_VENV.relative_to(BENCH_DIR.parent)}")
@@ -821,6 +841,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "model and inputs; run only the others (e.g. methods that landed since)")
     parser.add_argument("--_row", help=argparse.SUPPRESS)  # a row's subprocess
     args = parser.parse_args(argv)
+    if args.train_steps is not None and args.train_steps <= (QUICK if args.quick else FULL).warmup_steps:
+        parser.error("--train-steps must be more than the warm-up steps")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     for name in args.models:
         if name not in MODELS:
@@ -854,6 +876,12 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     settings = QUICK if args.quick else FULL
+    # Each override is part of the recipe, so the model it gives is cached separately.
+    overrides = {name: getattr(args, name) for name in ("train_steps", "width", "heads", "gpt2_mlp", "llama_mlp")
+                 if getattr(args, name) is not None}
+    settings = replace(settings, **overrides)
+    if settings.width % settings.heads:
+        raise SystemExit(f"--width {settings.width} is not a multiple of --heads {settings.heads}")
     cache = args.cache_dir.resolve()
     started = time.monotonic()
     corpus = load_corpus()
@@ -886,7 +914,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             log(f"{arch} {row.name}")
             results[row.name] = run_row_in_subprocess(RowJob(
-                row=row.name, settings=settings.name, model_dir=str(model_dir),
+                row=row.name, settings=asdict(settings), model_dir=str(model_dir),
                 inputs=str(inputs_path), train_text=str(train_text), work_dir=str(work / row.name)))
             if not os.environ.get("BENCH_KEEP_ARTIFACTS"):
                 shutil.rmtree(work / row.name / "artifact", ignore_errors=True)
