@@ -160,22 +160,45 @@ def test_gpt2_and_opt_keep_their_heads_and_say_why(tiny_models):
                      EngineContext(calibration=calibration(1)))
 
 
-def test_llama_head_counts_the_config_rejects_are_not_used(tmp_path):
-    def llama(hidden: int) -> transformers.LlamaForCausalLM:
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=4, head_dim=16, vocab_size=VOCAB)).eval()
+def _llama(hidden: int, **extra) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, vocab_size=VOCAB, **extra)).eval()
 
-    # 3 heads of 16: LlamaConfig (5.24) wants hidden_size % num_attention_heads == 0; 64 fails.
+
+def test_llama_head_count_its_config_refuses_is_written_as_mistral(tmp_path):
+    # 3 heads of 16 at hidden size 64: LlamaConfig (5.24) wants hidden_size % heads == 0.
+    stage = PruneStructured(sparsity=0.25, targets=["heads"])
+    model = _llama(64)
+    original = copy.deepcopy(model)
+    plan = plan_structured(original, stage, EngineContext(calibration=calibration(2)))
+    ctx = EngineContext(calibration=calibration(2))
+    [metrics] = run_pipeline(model, [stage], ctx)
+    carrier = ctx.model
+    assert type(carrier) is transformers.MistralForCausalLM
+    assert metrics["heads_removed_per_layer"] == 1 and "written as MistralForCausalLM" in metrics["note"]
+    assert metrics["removed_heads"] == plan.removed_heads()
+    assert (carrier.config.num_attention_heads, carrier.config.head_dim, carrier.config.sliding_window) == (3, 16, None)
+    assert metrics["parameters_after"] == sum(p.numel() for p in carrier.parameters()) < metrics["parameters_before"]
+    # The same computation as the original with the removed head's output zeroed.
+    torch.testing.assert_close(logits(carrier), masked_logits(original, plan), rtol=0, atol=1e-5)
+    write_checkpoint(carrier, ctx, tmp_path / "out", "dense", source_dir=tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(loaded) is transformers.MistralForCausalLM and torch.equal(logits(loaded), logits(carrier))
+
+
+def test_llama_heads_stay_where_no_config_describes_fewer(tmp_path):
+    # With attention biases Mistral is no equivalent: the refused head count is not offered.
     stage = PruneStructured(sparsity=0.25, targets=["heads"])
     with pytest.raises(ValueError, match="nothing to remove: 1 of 4 heads per layer asked for, 0 removed"):
-        run_pipeline(llama(64), [stage], EngineContext(calibration=calibration(1)))
+        run_pipeline(_llama(64, attention_bias=True), [stage], EngineContext(calibration=calibration(1)))
 
-    model = llama(48)  # 48 % 3 == 0: three heads of 16 are a valid config
+    model = _llama(48)  # 48 % 3 == 0: three heads of 16 are a valid Llama config, kept as Llama
     plan = plan_structured(model, stage, EngineContext(calibration=calibration(2)))
-    [metrics] = run_pipeline(model, [stage], EngineContext(calibration=calibration(2)))
-    assert metrics["heads_removed_per_layer"] == 1 and metrics["note"] is None
+    ctx = EngineContext(calibration=calibration(2))
+    [metrics] = run_pipeline(model, [stage], ctx)
+    assert ctx.model is model and metrics["heads_removed_per_layer"] == 1 and metrics["note"] is None
     assert metrics["removed_heads"] == plan.removed_heads()
     assert len(plan.kept_head_groups[0]) == 3 and plan.removed_heads()[0][0] not in plan.kept_head_groups[0]
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (3, 3)

@@ -34,9 +34,9 @@ from torch import nn
 from app.specs import PruneStructured
 from worker.engine.modules import WeightLayer, decoder_blocks
 from worker.engine.pipeline import EngineContext, register
-from worker.engine.prune.structured_layout import (Layout, allowed_head_groups, heads_per_group,
-                                                   key_value_groups, keep_units, layout_for,
-                                                   resize_config)
+from worker.engine.prune.structured_layout import (Layout, allowed_head_groups, config_accepts,
+                                                   heads_per_group, key_value_groups, keep_units,
+                                                   layout_for, resize_config, to_carrier)
 
 # ---------------------------------------------------------------------------------------------
 # The arithmetic: tensors in, tensors out.
@@ -213,8 +213,8 @@ def _plan_head_groups(model_config, layout: Layout, sparsity: float, plan: Struc
         grouping = f"heads go in key/value groups of {per_group}, and " if per_group > 1 else ""
         plan.notes.append(
             f"{(groups - wanted) * per_group} of {groups * per_group} heads per layer asked for, "
-            f"{(groups - kept) * per_group} removed: {type(model_config).__name__} accepts "
-            f"{[g * per_group for g in allowed]} heads ({grouping}the config requires "
+            f"{(groups - kept) * per_group} removed: {type(model_config).__name__} (or Mistral, which "
+            f"computes the same) accepts {[g * per_group for g in allowed]} heads ({grouping}the config requires "
             f"hidden_size to be a multiple of the head count)"
         )
     elif kept == groups:
@@ -262,6 +262,13 @@ def prune_structured(model: nn.Module, config: PruneStructured, ctx: EngineConte
     plan = plan_structured(model, config, ctx)
     ctx.check_cancelled()
     apply_plan(model, plan, ctx.masks)
+    if not config_accepts(model.config):
+        # A head count LlamaConfig refuses: the same model, written as Mistral.
+        architecture = type(model).__name__
+        model = ctx.model = to_carrier(model)
+        plan.notes.append(f"{architecture} with {model.config.num_attention_heads} heads of {model.config.head_dim} "
+                          f"and hidden size {model.config.hidden_size} is written as {type(model).__name__}, "
+                          "the same computation under a config that accepts that head count")
 
     neurons_removed = 0 if plan.kept_neurons is None else plan.neurons - len(plan.kept_neurons[0])
     removed_heads = plan.removed_heads()

@@ -18,8 +18,11 @@ What transformers 5.24 can express:
   with grouped-query attention heads go in whole key/value groups (one k/v head and the query
   heads that share it), which keeps ``num_attention_heads / num_key_value_heads`` unchanged.
   ``LlamaConfig`` still insists that ``hidden_size`` be a multiple of ``num_attention_heads``
-  even when ``head_dim`` is given (huggingface/transformers#46082), so only head counts the
-  config class accepts are offered (``allowed_head_groups``).
+  even when ``head_dim`` is given (huggingface/transformers#46082), which rules out most
+  head counts (Llama-3-8B: 4096 is no multiple of 24). A Llama without biases is then written
+  as ``MistralForCausalLM``: the same modules, names, weights and computation (no sliding
+  window), under a config that accepts any head count (``to_carrier``). Mistral models are
+  pruned the same way.
 - GPT-2 and OPT derive the head size as ``hidden_size // num_heads`` and transformers 5
   dropped ``prune_heads`` / ``config.pruned_heads``: fewer heads cannot be described, so their
   heads stay (the stage says so in its metrics).
@@ -87,6 +90,15 @@ LAYOUTS: dict[str, Layout] = {
         head_producers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         head_consumer="self_attn.o_proj",
     ),
+    "mistral": Layout(
+        name="Mistral",
+        neuron_producers=("mlp.gate_proj", "mlp.up_proj"),
+        neuron_consumer="mlp.down_proj",
+        intermediate_size_key="intermediate_size",
+        width_attributes={"mlp": "intermediate_size"},
+        head_producers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        head_consumer="self_attn.o_proj",
+    ),
     "opt": Layout(
         name="OPT",
         neuron_producers=("fc1",),
@@ -126,13 +138,58 @@ def allowed_head_groups(config, layout: Layout) -> list[int]:
     for groups in range(1, key_value_groups(config) + 1):
         candidate = copy.deepcopy(config)
         resize_config(candidate, layout, neurons=None, head_groups=groups)
-        try:
-            if hasattr(candidate, "validate"):  # strict (huggingface_hub) configs
-                candidate.validate()
-        except (ValueError, TypeError, StrictDataclassError):
-            continue
-        allowed.append(groups)
+        if config_accepts(candidate) or carrier_config(candidate) is not None:
+            allowed.append(groups)
     return allowed
+
+
+def config_accepts(config) -> bool:
+    """Whether ``config``'s own class accepts its sizes (strict huggingface_hub validation)."""
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except (ValueError, TypeError, StrictDataclassError):
+        return False
+    return True
+
+
+def carrier_config(config) -> transformers.PretrainedConfig | None:
+    """The ``MistralConfig`` that describes the same model as the Llama ``config`` (already
+    resized), or None when there is none: not a Llama, biases Mistral lacks, or sizes that
+    Mistral refuses as well."""
+    if config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False) \
+            or getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return None
+    known = set(transformers.MistralConfig().to_dict())
+    values = {k: v for k, v in config.to_dict().items()
+              if k in known and k not in ("architectures", "model_type", "transformers_version")}
+    try:
+        carrier = transformers.MistralConfig(**{**values, "sliding_window": None})
+    except (ValueError, TypeError, StrictDataclassError):
+        return None
+    return carrier if config_accepts(carrier) else None
+
+
+def to_carrier(model: nn.Module) -> nn.Module:
+    """``model`` (a Llama whose config its class refuses) as the equivalent
+    ``MistralForCausalLM``, sharing its tensors: same module names, so masks still apply."""
+    config = carrier_config(model.config)
+    if config is None:
+        raise ValueError(f"no config describes this {type(model).__name__} with {model.config.num_attention_heads} heads")
+    config.architectures = ["MistralForCausalLM"]
+    with torch.device("meta"):
+        carrier = transformers.MistralForCausalLM(config)
+    carrier.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        carrier.tie_weights()
+    # Buffers (rotary frequencies) are not in the state dict: made again on the model's device.
+    device = next(model.parameters()).device
+    for name, buffer in list(carrier.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            value = getattr(model.get_submodule(owner), attr).to(device)
+            carrier.get_submodule(owner).register_buffer(attr, value, persistent=False)
+    return carrier.train(model.training)
 
 
 def resize_config(config, layout: Layout, neurons: int | None, head_groups: int | None) -> None:
