@@ -102,7 +102,8 @@ def memory_budget(limit: int | None):
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    ceiling = size + limit if hard == resource.RLIM_INFINITY else min(size + limit, hard)
+    # Never above a limit the operator already set on the process.
+    ceiling = min([size + limit] + [v for v in (soft, hard) if v != resource.RLIM_INFINITY])
     resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
     try:
         yield
