@@ -74,6 +74,16 @@ class Layout:
         return _HEADS_FIXED.format(arch=self.name, version=transformers.__version__)
 
 
+# Llama and Mistral blocks: the same module names (which is why one can carry the other).
+_LLAMA_FAMILY = dict(
+    neuron_producers=("mlp.gate_proj", "mlp.up_proj"),
+    neuron_consumer="mlp.down_proj",
+    intermediate_size_key="intermediate_size",
+    width_attributes={"mlp": "intermediate_size"},
+    head_producers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    head_consumer="self_attn.o_proj",
+)
+
 LAYOUTS: dict[str, Layout] = {
     "gpt2": Layout(
         name="GPT-2",
@@ -81,24 +91,8 @@ LAYOUTS: dict[str, Layout] = {
         neuron_consumer="mlp.c_proj",
         intermediate_size_key="n_inner",
     ),
-    "llama": Layout(
-        name="Llama",
-        neuron_producers=("mlp.gate_proj", "mlp.up_proj"),
-        neuron_consumer="mlp.down_proj",
-        intermediate_size_key="intermediate_size",
-        width_attributes={"mlp": "intermediate_size"},
-        head_producers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        head_consumer="self_attn.o_proj",
-    ),
-    "mistral": Layout(
-        name="Mistral",
-        neuron_producers=("mlp.gate_proj", "mlp.up_proj"),
-        neuron_consumer="mlp.down_proj",
-        intermediate_size_key="intermediate_size",
-        width_attributes={"mlp": "intermediate_size"},
-        head_producers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        head_consumer="self_attn.o_proj",
-    ),
+    "llama": Layout(name="Llama", **_LLAMA_FAMILY),
+    "mistral": Layout(name="Mistral", **_LLAMA_FAMILY),
     "opt": Layout(
         name="OPT",
         neuron_producers=("fc1",),
