@@ -401,6 +401,8 @@ ROWS: tuple[Row, ...] = (
     Row("sparsegpt-70", lambda s: [PruneSparseGPT(sparsity=0.7)], "sparsegpt-70"),
     Row("sparsegpt-2:4", lambda s: [PruneSparseGPT(pattern="2:4")], "sparsegpt-2:4"),
     Row("structured-25", lambda s: [PruneStructured(sparsity=0.25)]),
+    # The same, then the teacher's knowledge distilled back into the smaller model.
+    Row("structured-25+distill", lambda s: [PruneStructured(sparsity=0.25), distill(s)]),
     Row("rtn-int8", lambda s: [QuantizeRTN(bits=8)], "rtn-int8"),
     Row("rtn-int4-g128", lambda s: [QuantizeRTN(bits=4, group_size=128)], "rtn-int4-g128"),
     Row("gptq-int4-g128", lambda s: [QuantizeGPTQ(bits=4, group_size=128)], "gptq-int4-g128"),
