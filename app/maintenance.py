@@ -85,14 +85,14 @@ def sweep_temporary(tmp: Path, max_idle_s: float) -> int:
     swept = 0
     for path in tmp.iterdir():
         if _UPLOAD_STAGING.fullmatch(path.name) or path.name.startswith("deleted-"):
-            if path not in LIVE_STAGING and _last_write(path) < cutoff:
-                log.info("removing %s: untouched for %.0f s", path.name, time.time() - _last_write(path))
+            if path not in LIVE_STAGING and (written := _last_write(path)) < cutoff:
+                log.info("removing %s: untouched for %.0f s", path.name, time.time() - written)
                 shutil.rmtree(path, ignore_errors=True)
                 swept += 1
         elif path.name.startswith("upload-"):  # a part cut off mid-body; received parts stay
             for partial in path.glob(".part-*"):
-                if _last_write(partial) < cutoff:
-                    log.info("removing %s/%s: untouched for %.0f s", path.name, partial.name, time.time() - _last_write(partial))
+                if (written := _last_write(partial)) < cutoff:
+                    log.info("removing %s/%s: untouched for %.0f s", path.name, partial.name, time.time() - written)
                     partial.unlink(missing_ok=True)
                     swept += 1
     return swept

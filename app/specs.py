@@ -49,8 +49,6 @@ class RequestModel(BaseModel):
         return value
 
 
-_Strict = RequestModel
-
 
 def _type_and_method_required(schema: dict[str, Any]) -> None:
     # Defaults make Python construction short (PruneMagnitude(sparsity=0.5)); on the wire the
@@ -58,7 +56,7 @@ def _type_and_method_required(schema: dict[str, Any]) -> None:
     schema["required"] = sorted({*schema.get("required", []), "type", "method"})
 
 
-class _StageConfig(_Strict):
+class _StageConfig(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_type_and_method_required)
     # Data-aware methods look at activations: the job must then carry a calibration section.
     requires_calibration: ClassVar[bool] = False
@@ -304,7 +302,7 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
 Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
 
 
-class CalibrationSpec(_Strict):
+class CalibrationSpec(RequestModel):
     """Text the data-aware methods look at. Sampling is deterministic given ``seed``."""
 
     dataset_id: str
@@ -313,7 +311,7 @@ class CalibrationSpec(_Strict):
     seed: int = Field(default=0, ge=0)
 
 
-class EvaluationSpec(_Strict):
+class EvaluationSpec(RequestModel):
     """Perplexity before and after, by a sliding window over the dataset's text."""
 
     dataset_id: str
@@ -334,7 +332,7 @@ class EvaluationSpec(_Strict):
         return self
 
 
-class OutputSpec(_Strict):
+class OutputSpec(RequestModel):
     """How the artifact is written. ``auto``: compressed-tensors when a stage quantized the
     weights (the artifact is really smaller), dense safetensors otherwise."""
 
@@ -345,7 +343,7 @@ WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "j
                   "job.stage", "job.progress", "job.metric", "job.warning", "job.error")
 
 
-class WebhookSpec(_Strict):
+class WebhookSpec(RequestModel):
     """Where to announce the job's events, signed the Standard Webhooks way: headers
     ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256 of
     "{id}.{timestamp}.{body}" keyed by the base64-decoded part of the secret after "whsec_">``.
@@ -358,7 +356,7 @@ class WebhookSpec(_Strict):
     secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/]{22,}={0,2}$", description="whsec_ + base64 of 16+ random bytes")
 
 
-class JobSpec(_Strict):
+class JobSpec(RequestModel):
     """What a client posts to ``POST /v1/jobs``."""
 
     model_config = ConfigDict(

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.checkpoints import ARCHIVE_SUFFIXES, CheckpointError, plain_file_name
 from app.config import get_settings
+from app.db import repositories
 from app.db.models import Upload, UploadPart, new_id, utcnow
 from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services import datasets as dataset_service
@@ -76,8 +77,8 @@ def create_upload(session: Session, store: LocalStore, tenant_id: str, filename:
 
 
 def get_upload(session: Session, tenant_id: str, upload_id: str) -> Upload:
-    upload = session.get(Upload, upload_id) if "\x00" not in upload_id else None
-    if upload is None or upload.tenant_id != tenant_id:
+    upload = repositories.get(session, Upload, upload_id, tenant_id)
+    if upload is None:
         raise NotFound(f"no upload {upload_id!r}", param="upload_id")
     return upload
 
