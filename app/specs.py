@@ -150,17 +150,28 @@ class PruneSparseGPT(_Unstructured):
 
 
 class PruneStructured(_StageConfig):
-    """Remove whole attention heads and MLP neurons ranked by importance on calibration data,
-    and rewrite the config: the result is a smaller dense model, faster per token.
-    ``{"type": "prune", "method": "structured", "sparsity": 0.25}``"""
+    """Remove whole attention heads, MLP neurons or decoder blocks ranked by importance on
+    calibration data, and rewrite the config: the result is a smaller dense model, faster per
+    token. ``{"type": "prune", "method": "structured", "sparsity": 0.25}`` removes a quarter of
+    the heads and of the neurons of every block; ``"targets": ["layers"]`` a quarter of the
+    blocks instead (the cut GPT-2 and OPT can express beyond neurons)."""
 
     requires_calibration: ClassVar[bool] = True
     type: Literal["prune"] = "prune"
     method: Literal["structured"] = "structured"
-    sparsity: float = Field(gt=0.0, le=0.9, description="fraction of heads and of MLP neurons removed")
-    targets: list[Literal["heads", "neurons"]] = Field(
-        default_factory=lambda: ["heads", "neurons"], min_length=1, description="what may be removed"
+    sparsity: float = Field(gt=0.0, le=0.9, description="fraction of each target removed: of the heads and of the "
+                                                        "MLP neurons of every block, of the blocks")
+    targets: list[Literal["heads", "neurons", "layers"]] = Field(
+        default_factory=lambda: ["heads", "neurons"], min_length=1,
+        description="what may be removed: attention heads, MLP neurons, whole decoder blocks (layers)"
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
+        if len(set(targets)) != len(targets):
+            raise ValueError("targets must not repeat")
+        return targets
 
 
 class QuantizeRTN(_StageConfig):

@@ -79,6 +79,35 @@ def test_structured_pruning_job_makes_a_smaller_dense_model(pg_stack, uploaded, 
     assert loaded.config.n_inner == 192  # 256 MLP neurons, a quarter removed
 
 
+def test_depth_pruning_then_distillation_makes_a_shallower_model_that_scores_as_reported(
+        pg_stack, uploaded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from worker.evaluate import perplexity
+
+    client = pg_stack.client
+    model, dataset = uploaded
+    job = client.post("/v1/jobs", json={
+        "model_id": model["id"],
+        "stages": [{"type": "prune", "method": "structured", "sparsity": 0.5, "targets": ["layers"]},
+                   {"type": "distill", "method": "kd", "dataset_id": dataset["id"], "steps": 4,
+                    "batch_size": 2, "seq_len": 32, "eval_every": 2}],
+        "calibration": {"dataset_id": dataset["id"], "samples": 4, "seq_len": 32},
+        "evaluation": {"dataset_id": dataset["id"], "seq_len": 64}}).json()
+    done = wait_for(client, job["id"], timeout=300)
+    assert done["status"] == "succeeded", (done, pg_stack.logs())
+    prune = done["metrics"]["stages"][0]
+    assert prune["layers"] == 1 and len(prune["layers_removed"]) == 1
+    assert done["metrics"]["stages"][1]["student_layers"] == 1
+
+    loaded = AutoModelForCausalLM.from_pretrained(_artifact(client, done, tmp_path / "a")).eval()
+    assert loaded.config.n_layer == 1 and len(loaded.transformer.h) == 1
+    assert sum(p.numel() for p in loaded.parameters()) == done["metrics"]["after"]["parameters"]
+    ids = torch.tensor(tokenizer()(CORPUS)["input_ids"])
+    assert perplexity(loaded, ids, 64, 32, torch.device("cpu")) == pytest.approx(
+        done["metrics"]["after"]["perplexity"], rel=1e-3)
+
+
 def test_cancel_takes_effect_within_seconds_for_a_running_job(pg_stack, uploaded):
     client = pg_stack.client
     model, dataset = uploaded

@@ -15,6 +15,7 @@ from worker.engine.modules import compressible_layers, decoder_blocks
 from worker.engine.pipeline import EngineContext, JobCancelled, run_pipeline
 from worker.engine.prune.structured import (apply_plan, head_groups_to_keep, most_important,
                                             plan_structured, unit_importance)
+from worker.engine.prune.depth import block_influence, blocks_to_keep, blocks_to_remove, cosine_total
 from worker.engine.prune.structured_layout import layout_for, unit_features
 from worker.evaluate import latency_ms_per_token
 
@@ -162,9 +163,9 @@ def test_gpt2_and_opt_keep_their_heads_and_say_why(tiny_models):
 
 def _llama(hidden: int, **extra) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=16, vocab_size=VOCAB, **extra)).eval()
+    sizes = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                 head_dim=16, vocab_size=VOCAB)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=hidden, **{**sizes, **extra})).eval()
 
 
 def test_llama_head_count_its_config_refuses_is_written_as_mistral(tmp_path):
@@ -315,3 +316,111 @@ def test_can_be_imported_first():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth: whole decoder blocks
+
+
+def test_cosine_total_counts_each_token_once_and_zero_vectors_as_unchanged():
+    inputs = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    outputs = torch.tensor([[[3.0, 0.0], [1.0, 1.0], [5.0, 5.0]]])
+    assert cosine_total(inputs, outputs).item() == pytest.approx(1.0 + 2 ** -0.5 + 1.0)
+
+
+def test_blocks_to_keep_drops_the_lowest_influence_and_ties_drop_the_later():
+    assert blocks_to_keep(torch.tensor([0.4, 0.1, 0.3, 0.2]), remove=2) == [0, 2]
+    assert blocks_to_keep(torch.tensor([0.2, 0.2, 0.2]), remove=1) == [0, 1]
+    assert blocks_to_keep(torch.tensor([0.2, 0.2]), remove=0) == [0, 1]
+    with pytest.raises(ValueError, match="at least one must stay"):
+        blocks_to_keep(torch.tensor([0.1, 0.2]), remove=2)
+    assert [blocks_to_remove(8, s) for s in (0.05, 0.25, 0.5, 0.9)] == [0, 2, 4, 7]
+    assert blocks_to_remove(2, 0.9) == 1
+
+
+def test_block_influence_is_one_minus_the_cosine_between_what_enters_and_leaves(tiny_models):
+    model = tiny_models["llama"]()
+    batches = calibration(2)
+    with torch.no_grad():
+        states = [model(input_ids=ids, output_hidden_states=True).hidden_states for ids in batches]
+    hooks_before = [len(module._forward_hooks) for module in model.modules()]  # transformers' own
+    influence = block_influence(model, EngineContext(calibration=batches))
+    # hidden_states[i] enters block i; the last entry has the final norm applied, so only the
+    # first block's output (hidden_states[1]) is the raw residual stream here.
+    expected = 1 - sum(torch.nn.functional.cosine_similarity(s[0], s[1], dim=-1).sum() for s in states) / 32
+    assert influence.shape == (2,)
+    assert influence[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert [len(module._forward_hooks) for module in model.modules()] == hooks_before
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
+def test_layers_target_removes_the_least_influential_blocks_and_reloads(arch, tmp_path):
+    torch.manual_seed(0)
+    model = {
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64)),
+        "llama": lambda: _llama(32, num_hidden_layers=4),
+        "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCAB,
+            word_embed_proj_dim=32, max_position_embeddings=64)),
+    }[arch]().eval()
+    # Block 2 made an identity (its output projections zeroed): nothing enters the residual
+    # stream there, so its influence is 0 and it is the block that goes.
+    _, blocks = decoder_blocks(model)
+    for layer in compressible_layers(model):
+        if layer.name.startswith(f"{decoder_blocks(model)[0]}.2.") and layer.name.endswith(
+                ("c_proj", "o_proj", "down_proj", "out_proj", "fc2")):
+            layer.module.weight.data.zero_()
+            if layer.module.bias is not None:
+                layer.module.bias.data.zero_()
+    before = logits(model)
+    ctx = EngineContext(calibration=calibration(2))
+
+    [metrics] = run_pipeline(model, [PruneStructured(sparsity=0.25, targets=["layers"])], ctx)
+
+    assert metrics["layers_removed"] == [2] and metrics["layers"] == 3
+    assert metrics["heads_removed"] == metrics["neurons_removed"] == 0 and metrics["note"] is None
+    assert model.config.num_hidden_layers == 3 and len(decoder_blocks(model)[1]) == 3
+    assert metrics["parameters_before"] - metrics["parameters_after"] == sum(p.numel() for p in blocks[2].parameters())
+    # Removing an identity block changes nothing.
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_hidden_layers == 3 and torch.equal(logits(loaded), logits(model))
+    generated = loaded.generate(IDS[:, :5], max_new_tokens=4, do_sample=False)  # KV cache by new layer index
+    assert generated.shape == (1, 9)
+
+
+def test_layers_then_heads_and_neurons_of_the_blocks_that_stay(tmp_path):
+    model = _llama(32, num_hidden_layers=4, intermediate_size=64)
+    ctx = EngineContext(calibration=calibration(2))
+    magnitude_then_structured = [PruneMagnitude(sparsity=0.5),
+                                 PruneStructured(sparsity=0.5, targets=["layers", "heads", "neurons"])]
+    _, metrics = run_pipeline(model, magnitude_then_structured, ctx)
+
+    assert len(metrics["layers_removed"]) == 2 and metrics["layers"] == 2
+    assert metrics["heads_removed_per_layer"] == 2 and metrics["neurons_removed_per_layer"] == 32
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.intermediate_size) == (2, 2, 32)
+    # The earlier stage's masks follow their blocks (renumbered) and their new shapes.
+    assert sorted(ctx.masks) == sorted(layer.name for layer in compressible_layers(model))
+    for layer in compressible_layers(model):
+        assert ctx.masks[layer.name].shape == layer.weight().shape
+        assert not layer.weight()[~ctx.masks[layer.name]].any()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_gpt2_can_lose_layers_where_it_cannot_lose_heads(tiny_models):
+    [metrics] = run_pipeline(tiny_models["gpt2"](layers=4), [PruneStructured(sparsity=0.25, targets=["heads", "layers"])],
+                             EngineContext(calibration=calibration(1)))
+    assert len(metrics["layers_removed"]) == 1 and metrics["heads_removed"] == 0
+    assert "heads were not removed" in metrics["note"]
+    with pytest.raises(ValueError, match="nothing to remove: sparsity 0.1 of 2 layers rounds to none"):
+        run_pipeline(tiny_models["gpt2"](), [PruneStructured(sparsity=0.1, targets=["layers"])],
+                     EngineContext(calibration=calibration(1)))
+
+
+def test_targets_must_not_repeat():
+    with pytest.raises(ValidationError, match="targets must not repeat"):
+        PruneStructured(sparsity=0.25, targets=["layers", "layers"])

@@ -3,8 +3,10 @@ model (fewer FLOPs per token on any hardware) whose config describes its new siz
 
 ``{"type": "prune", "method": "structured", "sparsity": 0.25}`` removes a quarter of the
 neurons of every MLP and a quarter of the heads of every attention layer (where the
-architecture's config can describe fewer heads: see ``structured_layout``). The stage needs
-calibration text, and must come before any quantization stage.
+architecture's config can describe fewer heads: see ``structured_layout``). With
+``"targets": ["layers"]`` it removes a quarter of the decoder blocks instead (``depth``); with
+all three, the blocks go first and the heads and neurons of those that stay after. The stage
+needs calibration text, and must come before any quantization stage.
 
 Importance, from calibration activations (the activation-aware family of LLM-Pruner, FLAP,
 Minitron): a unit (a neuron, or a head group) writes ``W_u z_u`` into the residual stream,
@@ -33,7 +35,9 @@ from torch import nn
 
 from app.specs import PruneStructured
 from worker.engine.modules import WeightLayer, decoder_blocks
+from worker.engine.distill.student import keep_decoder_blocks, renumber_masks
 from worker.engine.pipeline import EngineContext, register
+from worker.engine.prune.depth import block_influence, blocks_to_keep, blocks_to_remove
 from worker.engine.prune.structured_layout import (Layout, allowed_head_groups, config_accepts,
                                                    heads_per_group, key_value_groups, keep_units,
                                                    layout_for, resize_config, to_carrier)
@@ -150,11 +154,14 @@ class StructuredPlan:
         return removed
 
 
-def plan_structured(model: nn.Module, config: PruneStructured, ctx: EngineContext) -> StructuredPlan:
-    """Decide which units each block keeps, from ``ctx.calibration``; the model is unchanged.
+def plan_structured(model: nn.Module, config: PruneStructured, ctx: EngineContext,
+                    allow_nothing: bool = False) -> StructuredPlan:
+    """Decide which heads and neurons each block keeps, from ``ctx.calibration``; the model is
+    unchanged (``config.targets`` other than those two are ignored).
 
     Raises ``ValueError`` without calibration data, or when the targets leave nothing that this
-    architecture can remove (GPT-2 with ``targets=["heads"]``)."""
+    architecture can remove (GPT-2 with ``targets=["heads"]``), unless ``allow_nothing``: then
+    the plan keeps every unit and its notes say why."""
     if not ctx.calibration:
         raise ValueError("structured pruning needs calibration data: add a calibration section")
     layout = layout_for(model)
@@ -174,6 +181,8 @@ def plan_structured(model: nn.Module, config: PruneStructured, ctx: EngineContex
     if "heads" in config.targets:
         keep_groups = _plan_head_groups(model.config, layout, config.sparsity, plan)
     if keep_neurons is None and keep_groups is None:
+        if allow_nothing:
+            return plan
         raise ValueError("structured pruning has nothing to remove: " + "; ".join(plan.notes))
 
     readers: dict[str, tuple[nn.Module, int]] = {}
@@ -252,38 +261,69 @@ def parameter_count(model: nn.Module) -> int:
 
 @register(PruneStructured)
 def prune_structured(model: nn.Module, config: PruneStructured, ctx: EngineContext) -> dict[str, Any]:
-    """The stage: plan on the calibration data, then slice. Cancelling during calibration leaves
-    the model as it was; the slicing itself is never interrupted, so model and config always
-    agree."""
+    """The stage: blocks first (``targets`` with ``"layers"``, see ``depth``), then heads and
+    neurons of the blocks that stay, each planned on the calibration data and then sliced.
+    Cancelling during calibration leaves the model as it was; the slicing itself is never
+    interrupted, so model and config always agree."""
     if ctx.quantized:
         raise ValueError("structured pruning must run before quantization")
     parameters_before = parameter_count(model)
     heads_before = model.config.num_attention_heads
-    plan = plan_structured(model, config, ctx)
-    ctx.check_cancelled()
-    apply_plan(model, plan, ctx.masks)
+    layers_before = len(decoder_blocks(model)[1])
+    notes: list[str] = []
+    removed_layers = _remove_blocks(model, config, ctx, notes) if "layers" in config.targets else []
+
+    unit_targets = [target for target in config.targets if target != "layers"]
+    plan = None
+    if unit_targets:
+        plan = plan_structured(model, config.model_copy(update={"targets": unit_targets}), ctx,
+                               allow_nothing=bool(removed_layers))
+        ctx.check_cancelled()
+        apply_plan(model, plan, ctx.masks)
+        notes += plan.notes
+    elif not removed_layers:
+        raise ValueError("structured pruning has nothing to remove: " + "; ".join(notes))
     if not config_accepts(model.config):
         # A head count LlamaConfig refuses: the same model, written as Mistral.
         architecture = type(model).__name__
         model = ctx.model = to_carrier(model)
-        plan.notes.append(f"{architecture} with {model.config.num_attention_heads} heads of {model.config.head_dim} "
-                          f"and hidden size {model.config.hidden_size} is written as {type(model).__name__}, "
-                          "the same computation under a config that accepts that head count")
+        notes.append(f"{architecture} with {model.config.num_attention_heads} heads of {model.config.head_dim} "
+                     f"and hidden size {model.config.hidden_size} is written as {type(model).__name__}, "
+                     "the same computation under a config that accepts that head count")
 
-    neurons_removed = 0 if plan.kept_neurons is None else plan.neurons - len(plan.kept_neurons[0])
-    removed_heads = plan.removed_heads()
+    neurons_before = _reader(decoder_blocks(model)[1][0], layout_for(model).neuron_consumer).in_features \
+        if plan is None else plan.neurons
+    neurons_removed = 0 if plan is None or plan.kept_neurons is None else plan.neurons - len(plan.kept_neurons[0])
+    removed_heads = [] if plan is None else plan.removed_heads()
     heads_removed = len(removed_heads[0]) if removed_heads else 0
     layers = len(decoder_blocks(model)[1])
     return {
         "layers": layers,
+        "layers_removed": removed_layers,
         "heads_removed_per_layer": heads_removed,
         "neurons_removed_per_layer": neurons_removed,
         "heads_removed": heads_removed * layers,
         "neurons_removed": neurons_removed * layers,
         "heads_per_layer": heads_before - heads_removed,
-        "intermediate_size": plan.neurons - neurons_removed,
+        "intermediate_size": neurons_before - neurons_removed,
         "removed_heads": removed_heads,
         "parameters_before": parameters_before,
         "parameters_after": parameter_count(model),
-        "note": "; ".join(plan.notes) or None,
+        "note": "; ".join(notes) or None,
     }
+
+
+def _remove_blocks(model: nn.Module, config: PruneStructured, ctx: EngineContext, notes: list[str]) -> list[int]:
+    """Remove the blocks of lowest influence (``depth``); return their original indices."""
+    layers = len(decoder_blocks(model)[1])
+    remove = blocks_to_remove(layers, config.sparsity)
+    if remove == 0:
+        notes.append(f"sparsity {config.sparsity} of {layers} layers rounds to none")
+        return []
+    if not ctx.calibration:
+        raise ValueError("structured pruning needs calibration data: add a calibration section")
+    keep = blocks_to_keep(block_influence(model, ctx), remove)
+    ctx.check_cancelled()
+    ctx.masks = renumber_masks(ctx.masks, model, keep)  # named as the blocks are before the cut
+    keep_decoder_blocks(model, keep)
+    return sorted(set(range(layers)) - set(keep))
