@@ -6,7 +6,7 @@ works on ``[out, in]`` (a row per output channel), so the transpose is handled h
 
     for layer in compressible_layers(model):
         w = layer.weight()                       # [out, in], shares storage with the model
-        layer.set_weight(w * keep_mask)          # written back in place
+        layer.set_weight(w * keep_mask)          # becomes the parameter's data
 """
 
 from __future__ import annotations
@@ -38,15 +38,19 @@ class WeightLayer:
         return weight.t() if self.is_conv1d else weight
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Write an ``[out, in]`` weight into the module's parameter, in place (dtype and device
-        of the parameter are kept)."""
+        """Make an ``[out, in]`` weight the module's parameter data (same Parameter object;
+        dtype and device of the parameter are kept). ``weight`` becomes the data where its
+        layout allows, so the caller must not change it afterwards."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"{self.name}: expected a [{self.out_features}, {self.in_features}] weight, "
                 f"got {list(weight.shape)}"
             )
-        with torch.no_grad():
-            self.weight().copy_(weight)  # the view writes through to the parameter
+        parameter = self.module.weight
+        stored = weight.detach().to(dtype=parameter.dtype, device=parameter.device)
+        # Swapped in rather than copied into: a checkpoint's weights are memory-mapped, and
+        # writing into them faults in a private copy of every page (most of an RTN stage's time).
+        parameter.data = (stored.t() if self.is_conv1d else stored).contiguous()
 
     @property
     def in_features(self) -> int:
