@@ -31,10 +31,6 @@ from worker.engine.modules import WeightLayer, compressible_layers, decoder_bloc
 if TYPE_CHECKING:  # the pipeline imports the methods, which import this module
     from worker.engine.pipeline import EngineContext
 
-# Tokens per calibration forward pass: large enough for efficient matrix products, small
-# enough that a block's activations stay modest (Llama-7B's MLP at 4096 tokens: 180 MB).
-CALIBRATION_BATCH_TOKENS = 4096
-
 
 class InputStatistic(Protocol):
     """What a method accumulates from a layer's inputs (a Hessian, a norm per input)."""
@@ -108,26 +104,6 @@ def first_block_inputs(
     return inputs
 
 
-def batched(calibration: list[torch.Tensor], max_tokens: int = CALIBRATION_BATCH_TOKENS) -> list[torch.Tensor]:
-    """The calibration samples (``[1, seq_len]`` each) stacked into batches of up to
-    ``max_tokens`` tokens, consecutive samples of the same length together: a block then runs
-    a few large matrix products instead of many small ones (several times fewer calls, the
-    same sums). A sample longer than ``max_tokens`` is a batch of its own.
-
-    >>> [b.shape for b in batched([torch.zeros(1, 4)] * 5 + [torch.zeros(1, 2)], max_tokens=8)]
-    [torch.Size([2, 4]), torch.Size([2, 4]), torch.Size([1, 4]), torch.Size([1, 2])]
-    """
-    batches: list[list[torch.Tensor]] = []
-    for sample in calibration:
-        current = batches[-1] if batches else None
-        if current and current[0].shape[1:] == sample.shape[1:] \
-                and sum(s.numel() for s in current) + sample.numel() <= max_tokens:
-            current.append(sample)
-        else:
-            batches.append([sample])
-    return [torch.cat(batch) for batch in batches]
-
-
 @torch.no_grad()
 def compress_block_by_block(
     model: nn.Module,
@@ -150,7 +126,7 @@ def compress_block_by_block(
     layers = compressible_layers(model)
     done = 0
     ctx.step(done, len(layers))
-    inputs = first_block_inputs(model, batched(ctx.calibration), ctx.device)
+    inputs = first_block_inputs(model, ctx.calibration, ctx.device)
     for index, block in enumerate(blocks):
         block_layers = [layer for layer in layers if layer.name.startswith(f"{prefix}.{index}.")]
         ctx.step(done, len(layers))

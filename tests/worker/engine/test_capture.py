@@ -3,7 +3,7 @@ import torch
 
 from tests import factories
 from worker.engine.calibration import calibration_batches, token_stream
-from worker.engine.capture import batched, compress_block_by_block, first_block_inputs
+from worker.engine.capture import compress_block_by_block, first_block_inputs
 from worker.engine.hessian import InputHessian
 from worker.engine.modules import compressible_layers, decoder_blocks
 from worker.engine.pipeline import EngineContext, JobCancelled
@@ -79,19 +79,10 @@ def test_each_block_is_calibrated_on_the_blocks_before_it_as_compressed(arch):
             model(ids)
     for handle in handles:
         handle.remove()
-    def tokens(inputs):  # calibration may run the samples batched: compare token by token
-        return torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
-
     for layer in firsts:
-        torch.testing.assert_close(tokens(seen[layer.name]), tokens(recorders[layer.name].inputs), rtol=1e-5, atol=1e-5)
+        for got, expected in zip(seen[layer.name], recorders[layer.name].inputs, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all(not layer.module._forward_pre_hooks for layer in layers)
-
-
-def test_calibration_is_batched_by_length_within_the_token_budget():
-    samples = [torch.full((1, 4), i) for i in range(5)] + [torch.full((1, 2), 9), torch.full((1, 20), 7)]
-    batches = batched(samples, max_tokens=8)
-    assert [tuple(b.shape) for b in batches] == [(2, 4), (2, 4), (1, 4), (1, 2), (1, 20)]
-    assert torch.equal(torch.cat([b.reshape(-1) for b in batches]), torch.cat([s.reshape(-1) for s in samples]))
 
 
 def test_layers_reading_the_same_input_share_one_statistic_fed_once():
