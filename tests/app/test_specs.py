@@ -1,5 +1,9 @@
 """The job spec: one definition, strict, with errors that name the field."""
 
+import json
+import re
+from pathlib import Path
+
 import pydantic
 import pytest
 
@@ -76,3 +80,15 @@ def test_compressed_output_needs_a_quantize_stage():
                                      output={"format": "compressed-tensors"}))
     assert info.value.errors()[0]["loc"] == ("output",)
     JobSpec.model_validate(_spec({"type": "quantize", "method": "rtn"}, output={"format": "compressed-tensors"}))
+
+
+def test_every_job_spec_in_the_readme_validates():
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", readme.read_text(), re.S)]
+    specs = [block for block in blocks if "stages" in block]
+    assert len(specs) >= 2
+    for spec in specs:
+        if "webhook" in spec:  # the README writes the secret as a placeholder
+            spec["webhook"]["secret"] = "whsec_" + "A" * 32
+        validated = JobSpec.model_validate(spec)
+        assert [stage.type for stage in validated.stages] == [stage["type"] for stage in spec["stages"]]
