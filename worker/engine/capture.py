@@ -105,6 +105,24 @@ def first_block_inputs(
 
 
 @torch.no_grad()
+def run_calibration(model: nn.Module, ctx: EngineContext, hooks: list[torch.utils.hooks.RemovableHandle]) -> int:
+    """Run every calibration batch through the whole ``model`` (``ctx.step`` before each, so
+    progress is reported and a cancelled job stops), then remove ``hooks``, the caller's
+    collectors, whatever happens; return the number of tokens the model saw."""
+    batches = ctx.calibration or []
+    tokens = 0
+    try:
+        for index, ids in enumerate(batches):
+            ctx.step(index, len(batches))
+            model(input_ids=ids.to(ctx.device), use_cache=False)
+            tokens += ids.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens
+
+
+@torch.no_grad()
 def compress_block_by_block(
     model: nn.Module,
     ctx: EngineContext,

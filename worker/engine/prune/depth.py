@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from worker.engine.capture import run_calibration
 from worker.engine.modules import decoder_blocks
 from worker.engine.pipeline import EngineContext
 
@@ -74,10 +75,10 @@ def blocks_to_remove(layers: int, sparsity: float) -> int:
 def block_influence(model: nn.Module, ctx: EngineContext) -> torch.Tensor:
     """``BI_i`` of every decoder block of ``model`` (``[layers]``) over ``ctx.calibration``.
     The model is unchanged; the hooks are removed whatever happens, cancellation included."""
-    batches = ctx.calibration or []
+    if not ctx.calibration:
+        raise ValueError("structured pruning needs calibration data: add a calibration section")
     _, blocks = decoder_blocks(model)
     totals = torch.zeros(len(blocks), dtype=torch.float64)
-    tokens = 0
 
     def hook_for(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -87,16 +88,6 @@ def block_influence(model: nn.Module, ctx: EngineContext) -> torch.Tensor:
 
         return hook
 
-    handles = [block.register_forward_hook(hook_for(index), with_kwargs=True) for index, block in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for index, ids in enumerate(batches):
-                ctx.step(index, len(batches))
-                model(input_ids=ids.to(ctx.device), use_cache=False)
-                tokens += ids.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not tokens:
-        raise ValueError("depth pruning needs calibration data: add a calibration section")
+    tokens = run_calibration(model, ctx, [block.register_forward_hook(hook_for(index), with_kwargs=True)
+                                          for index, block in enumerate(blocks)])
     return 1 - totals / tokens

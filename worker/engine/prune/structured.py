@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from app.specs import PruneStructured
-from worker.engine.modules import WeightLayer, decoder_blocks
+from worker.engine.capture import run_calibration
 from worker.engine.distill.student import keep_decoder_blocks, renumber_masks
+from worker.engine.modules import WeightLayer, decoder_blocks
 from worker.engine.pipeline import EngineContext, register
 from worker.engine.prune.depth import block_influence, blocks_to_keep, blocks_to_remove
 from worker.engine.prune.structured_layout import (Layout, allowed_head_groups, config_accepts,
@@ -100,7 +101,6 @@ def second_moments(
     into ``units`` slices (``[units, w, w]``), averaged over all calibration tokens.
 
     The hooks are removed whatever happens, cancellation included."""
-    batches = ctx.calibration or []
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(readers)
 
     def hook_for(name: str, units: int):
@@ -109,17 +109,8 @@ def second_moments(
 
         return hook
 
-    handles = [module.register_forward_pre_hook(hook_for(name, units))
-               for name, (module, units) in readers.items()]
-    tokens = 0
-    try:
-        for index, ids in enumerate(batches):
-            ctx.step(index, len(batches))
-            model(input_ids=ids.to(ctx.device), use_cache=False)
-            tokens += ids.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    tokens = run_calibration(model, ctx, [module.register_forward_pre_hook(hook_for(name, units))
+                                          for name, (module, units) in readers.items()])
     missing = [name for name, total in sums.items() if total is None]
     if missing:
         raise RuntimeError(f"calibration never reached {missing[0]}")
@@ -269,7 +260,6 @@ def prune_structured(model: nn.Module, config: PruneStructured, ctx: EngineConte
         raise ValueError("structured pruning must run before quantization")
     parameters_before = parameter_count(model)
     heads_before = model.config.num_attention_heads
-    layers_before = len(decoder_blocks(model)[1])
     notes: list[str] = []
     removed_layers = _remove_blocks(model, config, ctx, notes) if "layers" in config.targets else []
 
@@ -291,8 +281,10 @@ def prune_structured(model: nn.Module, config: PruneStructured, ctx: EngineConte
                      f"and hidden size {model.config.hidden_size} is written as {type(model).__name__}, "
                      "the same computation under a config that accepts that head count")
 
-    neurons_before = _reader(decoder_blocks(model)[1][0], layout_for(model).neuron_consumer).in_features \
-        if plan is None else plan.neurons
+    if plan is None:  # only blocks went: every one still has its MLP width
+        neurons_before = _reader(decoder_blocks(model)[1][0], layout_for(model).neuron_consumer).in_features
+    else:
+        neurons_before = plan.neurons
     neurons_removed = 0 if plan is None or plan.kept_neurons is None else plan.neurons - len(plan.kept_neurons[0])
     removed_heads = [] if plan is None else plan.removed_heads()
     heads_removed = len(removed_heads[0]) if removed_heads else 0
@@ -320,8 +312,6 @@ def _remove_blocks(model: nn.Module, config: PruneStructured, ctx: EngineContext
     if remove == 0:
         notes.append(f"sparsity {config.sparsity} of {layers} layers rounds to none")
         return []
-    if not ctx.calibration:
-        raise ValueError("structured pruning needs calibration data: add a calibration section")
     keep = blocks_to_keep(block_influence(model, ctx), remove)
     ctx.check_cancelled()
     ctx.masks = renumber_masks(ctx.masks, model, keep)  # named as the blocks are before the cut
