@@ -12,15 +12,23 @@ layer's weights by magnitude, then stores them as int8::
 
 Adding a method: write its config class here, add it to ``STAGE_CONFIGS``, and register a
 handler for it in ``worker/engine``.
+
+A field that names another object is typed ``DatasetRef`` or ``ModelRef``: that one annotation
+is what the submission check, deletion, the worker, the CLI and the web client's pickers read
+(``references(spec)`` here, ``"x-squeeze-ref"`` in the JSON schema).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
                       field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 
 def has_nul(value: Any) -> bool:
@@ -48,6 +56,86 @@ class RequestModel(BaseModel):
             raise ValueError("text must not contain NUL bytes")
         return value
 
+
+
+# ---------------------------------------------------------------------------------------------
+# References to other objects
+
+
+REFERENCE_KEY = "x-squeeze-ref"  # the JSON schema extension: its value is the kind of object named
+REFERENCE_KINDS = ("dataset", "model")
+
+# An uploaded dataset's id (``ds_...``); in the JSON schema ``{"type": "string", "x-squeeze-ref": "dataset"}``.
+DatasetRef = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={REFERENCE_KEY: "dataset"})]
+# An uploaded model's id (``mdl_...``); in the JSON schema ``{"type": "string", "x-squeeze-ref": "model"}``.
+ModelRef = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={REFERENCE_KEY: "model"})]
+
+
+def _declared_kind(field: FieldInfo) -> str | None:
+    """``"dataset"`` for a field typed ``DatasetRef`` (or ``DatasetRef | None``, or a list of
+    them), None for a field that names nothing."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and extra.get(REFERENCE_KEY):
+        return str(extra[REFERENCE_KEY])
+    pending = [field.annotation]
+    while pending:  # Optional and list keep the Annotated marker inside their arguments
+        annotation = pending.pop()
+        for marker in getattr(annotation, "__metadata__", ()):
+            if isinstance(marker, FieldInfo) and (kind := _declared_kind(marker)):
+                return kind
+        pending.extend(get_args(annotation))
+    return None
+
+
+@cache
+def _reference_fields(model: type[BaseModel]) -> dict[str, str]:
+    """Field name -> kind, for the fields of ``model`` that name another object."""
+    kinds = {name: _declared_kind(field) for name, field in model.model_fields.items()}
+    return {name: kind for name, kind in kinds.items() if kind}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One field of a spec that names another object: ``Reference("stages.1.teacher_model_id",
+    "model", "mdl_...")``. ``path`` is the dotted field path an error's ``param`` uses."""
+
+    path: str
+    kind: str
+    id: str
+
+
+def reference_fields(spec: BaseModel) -> Iterator[Reference]:
+    """Every reference in a validated spec, in field order (``model_id`` first)::
+
+        for ref in reference_fields(JobSpec.model_validate(body)):
+            print(ref.path, ref.kind, ref.id)   # model_id model mdl_...; evaluation.dataset_id dataset ds_...
+    """
+    yield from _walk(spec, ())
+
+
+def _walk(value: Any, path: tuple[str, ...]) -> Iterator[Reference]:
+    if isinstance(value, BaseModel):
+        kinds = _reference_fields(type(value))
+        for name in type(value).model_fields:
+            item, where = getattr(value, name), (*path, name)
+            if name not in kinds:
+                yield from _walk(item, where)
+            elif isinstance(item, str):
+                yield Reference(".".join(where), kinds[name], item)
+            elif isinstance(item, (list, tuple)):
+                yield from (Reference(".".join((*where, str(i))), kinds[name], one) for i, one in enumerate(item))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _walk(item, (*path, str(index)))
+
+
+def references(spec: BaseModel) -> dict[str, set[str]]:
+    """The ids a validated spec names, by kind: ``{"dataset": {"ds_..."}, "model": {"mdl_...", ...}}``
+    (every kind is a key, empty when the spec names none)."""
+    found: dict[str, set[str]] = {kind: set() for kind in REFERENCE_KINDS}
+    for ref in reference_fields(spec):
+        found.setdefault(ref.kind, set()).add(ref.id)
+    return found
 
 
 def _type_and_method_required(schema: dict[str, Any]) -> None:
@@ -228,9 +316,9 @@ class DistillKD(_StageConfig):
 
     type: Literal["distill"] = "distill"
     method: Literal["kd"] = "kd"
-    dataset_id: str = Field(min_length=1, max_length=64, description="training text")
-    teacher_model_id: str | None = Field(default=None, description="default: the job's input model")
-    student_model_id: str | None = Field(default=None, description="an uploaded student")
+    dataset_id: DatasetRef = Field(description="training text")
+    teacher_model_id: ModelRef | None = Field(default=None, description="default: the job's input model")
+    student_model_id: ModelRef | None = Field(default=None, description="an uploaded student")
     keep_layers: Literal["every_other", "first_half"] | list[int] | None = Field(
         default=None, description="make the student from the current model's layers"
     )
@@ -316,7 +404,7 @@ Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
 class CalibrationSpec(RequestModel):
     """Text the data-aware methods look at. Sampling is deterministic given ``seed``."""
 
-    dataset_id: str
+    dataset_id: DatasetRef
     samples: int = Field(default=128, ge=1, le=4096, description="number of sequences")
     seq_len: int = Field(default=512, ge=8, le=8192, description="tokens per sequence")
     seed: int = Field(default=0, ge=0)
@@ -325,7 +413,7 @@ class CalibrationSpec(RequestModel):
 class EvaluationSpec(RequestModel):
     """Perplexity before and after, by a sliding window over the dataset's text."""
 
-    dataset_id: str
+    dataset_id: DatasetRef
     seq_len: int | None = Field(
         default=None, ge=8, le=8192, description="window; default the model's context, at most 1024"
     )
@@ -386,7 +474,7 @@ class JobSpec(RequestModel):
         },
     )
 
-    model_id: str = Field(min_length=1, max_length=64)
+    model_id: ModelRef
     stages: list[Stage] = Field(min_length=1, max_length=16)
     calibration: CalibrationSpec | None = Field(default=None, validate_default=True)
     evaluation: EvaluationSpec | None = None

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from app.checkpoints import CheckpointError, plain_file_name
 from app.config import get_settings
 from app.db import repositories
-from app.db.models import Dataset, Job, new_id
-from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
+from app.db.models import Dataset, new_id
+from app.errors import APIError, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
+from app.services.references import refuse_while_referenced
 from app.storage import CHUNK, LocalStore
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl"}
@@ -121,15 +122,9 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = 
 
 
 def delete_dataset(session: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
+    """Refused (409) while a queued or running job names the dataset anywhere in its spec."""
     dataset = get_dataset(session, tenant_id, dataset_id)
-    if any(dataset_id in _dataset_ids(job) for job in repositories.active_jobs(session, tenant_id)):
-        raise Conflict(f"dataset {dataset_id!r} is used by a queued or running job", param="dataset_id")
+    refuse_while_referenced(session, tenant_id, "dataset", dataset_id, param="dataset_id")
     session.delete(dataset)
     session.commit()
     store.delete("datasets", dataset_id)
-
-
-def _dataset_ids(job: Job) -> set[str]:
-    spec = job.spec or {}
-    sections = [spec.get("calibration"), spec.get("evaluation"), *spec.get("stages", [])]
-    return {section["dataset_id"] for section in sections if section and section.get("dataset_id")}

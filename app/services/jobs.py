@@ -18,7 +18,7 @@ from app.errors import APIError, Conflict, NotFound, TooManyRequests
 from app.services import events
 from app.services.datasets import get_dataset
 from app.services.models import get_model
-from app.specs import JobSpec
+from app.specs import JobSpec, reference_fields
 from app.storage import get_store
 
 log = logging.getLogger("squeeze.jobs")
@@ -29,18 +29,7 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
     limit = get_settings().max_active_jobs_per_tenant
     if repositories.active_job_count(session, tenant_id) >= limit:
         raise TooManyRequests(f"at most {limit} queued or running jobs per tenant; wait for some to finish")
-    for section in ("calibration", "evaluation"):
-        chosen = getattr(spec, section)
-        if chosen is not None:
-            get_dataset(session, tenant_id, chosen.dataset_id, param=f"{section}.dataset_id")
-            if not model.has_tokenizer:
-                raise APIError(
-                    f"model {model.id!r} was uploaded without tokenizer files, so text cannot be "
-                    f"tokenized for {section}; upload it again with tokenizer.json",
-                    param=f"{section}.dataset_id",
-                )
-    for index, stage in enumerate(spec.stages):
-        _check_stage_references(session, tenant_id, index, stage, model)
+    _check_references(session, tenant_id, spec, model)
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, metadata_=spec.metadata,
         # The webhook lives in its own columns: its secret must never be echoed in `spec`.
@@ -57,18 +46,19 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
     return job
 
 
-def _check_stage_references(session: Session, tenant_id: str, index: int, stage, model: Model) -> None:
-    """Datasets and models a stage names (distillation's) must exist when the job is accepted."""
-    dataset_id = getattr(stage, "dataset_id", None)
-    if dataset_id is not None:
-        get_dataset(session, tenant_id, dataset_id, param=f"stages.{index}.dataset_id")
-        if not model.has_tokenizer:
-            raise APIError(f"model {model.id!r} has no tokenizer files to read the training text",
-                           param=f"stages.{index}.dataset_id")
-    for field in ("teacher_model_id", "student_model_id"):
-        other_id = getattr(stage, field, None)
-        if other_id is not None:
-            get_model(session, tenant_id, other_id, param=f"stages.{index}.{field}")
+def _check_references(session: Session, tenant_id: str, spec: JobSpec, model: Model) -> None:
+    """Every object the spec names (each ``DatasetRef`` / ``ModelRef`` field, wherever it is)
+    must exist in this tenant when the job is accepted: otherwise a 404 that names the field,
+    e.g. ``stages.1.teacher_model_id``. Text is tokenized with the job model's tokenizer."""
+    lookups = {"dataset": get_dataset, "model": get_model}
+    for ref in reference_fields(spec):
+        lookups[ref.kind](session, tenant_id, ref.id, param=ref.path)
+        if ref.kind == "dataset" and not model.has_tokenizer:
+            raise APIError(
+                f"model {model.id!r} was uploaded without tokenizer files, so the text of {ref.path} "
+                "cannot be tokenized; upload it again with tokenizer.json",
+                param=ref.path,
+            )
 
 
 def enqueue(session: Session, job: Job) -> bool:

@@ -13,6 +13,7 @@ from app.db import repositories
 from app.db.models import Model, new_id
 from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
+from app.services.references import refuse_while_referenced
 from app.storage import LocalStore
 
 
@@ -78,7 +79,10 @@ def get_model(session: Session, tenant_id: str, model_id: str, param: str = "mod
 
 
 def delete_model(session: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:
+    """Refused (409) while a queued or running job names the model anywhere in its spec (as a
+    distillation teacher, say), and while any job has it as its input model."""
     model = get_model(session, tenant_id, model_id)
+    refuse_while_referenced(session, tenant_id, "model", model_id, param="model_id")
     if repositories.jobs_using_model(session, model_id):
         raise Conflict(
             f"model {model_id!r} has jobs; delete is refused so their records stay complete",
