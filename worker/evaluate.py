@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from app.safetensors_header import read_header
 from worker.engine.modules import compressible_layers
 
 
@@ -121,15 +120,14 @@ def checkpoint_stats(folder: Path, parameters: int | None = None) -> dict[str, A
 def _parameters_in_checkpoint(weight_files: list[Path]) -> int:
     """Model parameters stored in safetensors files, read from their JSON headers (plus, for
     packed weights, the small ``weight_shape`` tensors)."""
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
     for path in weight_files:
-        with path.open("rb") as stream:
-            (header_length,) = struct.unpack("<Q", stream.read(8))
-            header = json.loads(stream.read(header_length))
-        header.pop("__metadata__", None)
-        for name, entry in header.items():
-            shapes[name], where[name] = entry["shape"], path
+        # A checkpoint already on disk (an accepted upload or our own artifact): its header
+        # needs no limit beyond its file's size.
+        header = read_header(path, max_header_bytes=path.stat().st_size)
+        for name, entry in header.tensors.items():
+            shapes[name], where[name] = entry.shape, path
     # The other parts of a sparse-bitmask layer: counted through its `.compressed` values.
     bitmask_parts = {
         name.removesuffix(".compressed") + suffix
