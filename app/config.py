@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     progress_interval_s: float = 0.5
     job_lease_s: float = 60.0  # a worker silent this long is presumed dead and its job retried
     job_max_attempts: int = 3
+    # Before a job with an expired lease is handed on, its worker is asked (broker control
+    # channel) whether it still runs it; a node silent this long is taken for gone.
+    worker_ping_timeout_s: float = 5.0
     job_memory_limit_bytes: int | None = None  # memory a job may map beyond its worker's idle footprint
     reconcile_interval_s: float = 10.0
     max_active_jobs_per_tenant: int = 20  # queued + running; more answers 429

@@ -1,8 +1,8 @@
 """The reconciler: a daemon thread in each API process that keeps the database and the queue in
 agreement. Every ``reconcile_interval_s`` it
 
-- queues again (or fails, past ``job_max_attempts``) the jobs whose worker stopped renewing its
-  lease, and
+- settles the jobs whose lease expired and whose worker no longer runs them (queued again,
+  or failed with the true reason: ``app/services/leases.py``), and
 - sends the jobs that were accepted while the broker was down, and
 - sweeps the storage's temporary folder: staging left by uploads whose API process died
   mid-request, and the parts of resumable uploads past their expiry.
@@ -30,7 +30,8 @@ log = logging.getLogger("squeeze.reconciler")
 
 
 def reconcile_once() -> tuple[int, int]:
-    from app.services.jobs import reclaim_lost_jobs, resend_unsent
+    from app.services.jobs import resend_unsent
+    from app.services.leases import reclaim_lost_jobs
 
     with session_scope() as session:
         reclaimed = reclaim_lost_jobs(session)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.db import repositories
@@ -19,7 +18,6 @@ from app.services import events
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.specs import JobSpec, reference_fields
-from app.storage import get_store
 
 log = logging.getLogger("squeeze.jobs")
 
@@ -79,43 +77,6 @@ def enqueue(session: Session, job: Job) -> bool:
 def resend_unsent(session: Session) -> int:
     """Deliver queued jobs whose message was never sent. Safe to run at any time."""
     return sum(enqueue(session, job) for job in repositories.unsent_jobs(session))
-
-
-def reclaim_lost_jobs(session: Session) -> int:
-    """Jobs whose worker stopped renewing its lease (killed, out of memory, machine gone):
-    queued again while attempts remain, failed with the reason after that."""
-    settings = get_settings()
-    now = utcnow()
-    count = 0
-    for job in repositories.expired_leases(session, now):
-        # Conditional on the lease still being the expired one: a late heartbeat wins.
-        still_expired = session.execute(
-            update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value,
-                              Job.lease_expires_at == job.lease_expires_at)
-            .values(worker_id=None, lease_expires_at=None)
-        ).rowcount
-        if not still_expired:
-            continue
-        get_store().discard_staging(job.id)  # the lost attempt's half-written files
-        session.refresh(job)
-        if job.cancel_requested:
-            job.status, job.finished_at = JobStatus.CANCELLED.value, now
-            events.record(session, job, "status", "job cancelled (its worker stopped)", status=job.status)
-        elif job.attempts >= settings.job_max_attempts:
-            job.status, job.finished_at = JobStatus.FAILED.value, now
-            job.error_type = "worker_lost"
-            job.error_message = (f"the worker running this job stopped {job.attempts} times (killed, out of "
-                                 "memory, or past the hard time limit); not retried again")
-            events.record(session, job, "error", job.error_message, error_type=job.error_type)
-            events.record(session, job, "status", "job failed", status=job.status)
-        else:
-            job.status, job.enqueued_at, job.stage_name, job.stage_index = JobStatus.QUEUED.value, None, None, None
-            events.record(session, job, "warning",
-                          f"the worker stopped during attempt {job.attempts}; the job is queued again")
-            events.record(session, job, "status", "job queued again", status=job.status)
-        session.commit()
-        count += 1
-    return count
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

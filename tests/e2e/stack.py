@@ -42,7 +42,9 @@ class ServiceStack:
                     # Small enough that a test can reach it, large enough for the suite's models.
                     "SQUEEZE_MAX_TENANT_STORAGE_BYTES": str(200 * 1024 * 1024),
                     "SQUEEZE_MAX_DATASET_BYTES": str(4 * 1024 * 1024),
-                    "SQUEEZE_BODY_IDLE_TIMEOUT_S": "2", **env}
+                    # Short enough for the stalled-body test, long enough that a loaded machine
+                    # never stalls a live upload this long.
+                    "SQUEEZE_BODY_IDLE_TIMEOUT_S": "10", **env}
         self.embedded_launcher = embedded_launcher
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
@@ -70,10 +72,12 @@ class ServiceStack:
         return stack
 
     @classmethod
-    def embedded(cls, workdir: Path) -> "ServiceStack":
+    def embedded(cls, workdir: Path, **settings: str) -> "ServiceStack":
         """Nothing configured but the folder: SQLite, filesystem broker, local artifacts,
-        started by the same launcher as ``make run``."""
-        return cls(workdir, {"SQUEEZE_VAR_DIR": str(workdir / "var")}, embedded_launcher=True)
+        started by the same launcher as ``make run``; ``settings`` are extra SQUEEZE_* values."""
+        return cls(workdir, {"SQUEEZE_VAR_DIR": str(workdir / "var"),
+                             **{f"SQUEEZE_{key.upper()}": value for key, value in settings.items()}},
+                   embedded_launcher=True)
 
     # -- processes ------------------------------------------------------------------------
 
@@ -89,6 +93,21 @@ class ServiceStack:
                                   "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
                                   "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
                                   "--hostname", f"{name}-{secrets.token_hex(3)}@%h"])
+
+    def job_process(self) -> int:
+        """The pid of the process that runs jobs: the worker's prefork child (concurrency 1),
+        the deepest Celery process under this stack's processes."""
+        import psutil
+
+        for _, proc in self.processes:
+            if proc.poll() is not None:
+                continue
+            celery = [p for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+                      if "celery" in " ".join(p.cmdline())]
+            children = [p for p in celery if p.parent() is not None and p.parent().pid in {c.pid for c in celery}]
+            if children:
+                return children[0].pid
+        raise AssertionError("no worker child process found")
 
     def start_api(self, wait: bool = False) -> subprocess.Popen:
         proc = self._spawn("api", [sys.executable, "-m", "uvicorn", "app.main:app",
