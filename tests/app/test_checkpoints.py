@@ -2,7 +2,9 @@
 
 A tiny GPT-2 is built and saved once per module; each test copies it and then breaks one thing.
 Hostile uploads must fail with the right status and a useful message, and must leave nothing
-behind: not outside ``dest`` (path traversal) and not inside it (partial uploads).
+behind: not outside ``dest`` (path traversal) and not inside it (partial uploads). The same
+refusals through the HTTP API, with the error envelope and storage checked, are in
+tests/e2e/test_hostile_input.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -101,12 +104,14 @@ def stage_fails(tmp_path: Path, files, limits: UploadLimits = LIMITS) -> Checkpo
         stage_upload(files, dest, limits)
     assert tree(tmp_path) == before
     assert list(dest.iterdir()) == []
+    assert caught.value.param == "files"
     return caught.value
 
 
 def inspect_fails(folder: Path, limits: UploadLimits = LIMITS) -> CheckpointError:
     with pytest.raises(CheckpointError) as caught:
         inspect_checkpoint(folder, limits)
+    assert caught.value.param == "files"
     return caught.value
 
 
@@ -181,7 +186,6 @@ def test_limits_come_from_settings():
     )
     assert limits.max_header_bytes == settings.max_safetensors_header_bytes
     assert limits.max_compression_ratio == settings.max_compression_ratio
-    assert "gpt2" in SUPPORTED_MODEL_TYPES and "bert" not in SUPPORTED_MODEL_TYPES
 
 
 def test_multipart_files_are_staged_by_base_name(saved, tmp_path):
@@ -373,7 +377,7 @@ def test_zip_bomb_is_refused(tmp_path):
 def test_tar_gz_bomb_is_refused(tmp_path):
     data = tar_bytes([("model.safetensors", bytes(8 * 1024 * 1024))])
     error = stage_fails(tmp_path, [("bomb.tar.gz", io.BytesIO(data))])
-    assert error.status_code == 413
+    assert error.status_code == 413 and "zip bomb" in error.message
 
 
 def test_upload_over_the_byte_limit(tmp_path):
@@ -397,15 +401,6 @@ def test_damaged_archive(tmp_path):
 # --- refused file kinds ---------------------------------------------------------------------------
 
 
-def test_pickle_bin_is_refused(tmp_path, ckpt):
-    buffer = io.BytesIO()
-    torch.save({"w": torch.zeros(2)}, buffer)
-    error = stage_fails(tmp_path, [("pytorch_model.bin", io.BytesIO(buffer.getvalue()))])
-    assert "safe_serialization=True" in error.message
-    (ckpt / "pytorch_model.bin").write_bytes(buffer.getvalue())
-    assert "pickle" in inspect_fails(ckpt).message
-
-
 def test_torch_zip_renamed_safetensors_is_refused(tmp_path, ckpt):
     buffer = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buffer)
@@ -424,21 +419,40 @@ def test_plain_pickle_renamed_safetensors_is_refused(tmp_path, ckpt, protocol):
     assert "pickle" in inspect_fails(ckpt).message
 
 
+def test_safetensors_whose_length_reads_like_a_pickle_is_judged_as_safetensors(tmp_path, ckpt):
+    # A 640-byte header gives the length prefix 0x80 0x02, the first two bytes of a pickle.
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    data = struct.pack("<Q", 640) + header.encode().ljust(640) + bytes(8)
+    assert data[:2] == b"\x80\x02"
+    dest = tmp_path / "dest"
+    stage_upload([("model.safetensors", io.BytesIO(data))], dest, LIMITS)
+    assert (dest / "model.safetensors").read_bytes() == data
+    (ckpt / "model.safetensors").write_bytes(data)
+    error = inspect_fails(ckpt)  # a valid file, only not this model's weights
+    assert "pickle" not in error.message and "the weights lack" in error.message
+
+
+CONVERT = "safe_serialization=True"  # weights in another format: the message says how to convert
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("modeling_gpt2.py", "never run"),
-        ("model.h5", "must be safetensors"),
-        ("model.gguf", "must be safetensors"),
-        ("notes.txt", "Allowed"),
-        ("weights.ckpt", "pickle"),
+        ("pytorch_model.bin", ("pickle-based weights file", CONVERT)),
+        ("weights.ckpt", ("pickle-based weights file", CONVERT)),
+        ("model.h5", ("must be safetensors", CONVERT)),
+        ("model.gguf", ("must be safetensors", CONVERT)),
+        ("modeling_gpt2.py", ("never run",)),
+        ("notes.txt", ("Allowed",)),
     ],
 )
-def test_refused_file_kinds(tmp_path, ckpt, name, expected):
+def test_refused_file_kinds_by_name(tmp_path, ckpt, name, expected):
+    # Refused on the name alone, whatever the content, by staging and by inspection alike.
     error = stage_fails(tmp_path, [(name, io.BytesIO(b"x"))])
-    assert error.status_code == 400 and expected in error.message
+    assert error.status_code == 400 and all(phrase in error.message for phrase in expected)
     (ckpt / name).write_bytes(b"x")
-    assert expected in inspect_fails(ckpt).message
+    error = inspect_fails(ckpt)
+    assert all(phrase in error.message for phrase in expected)
 
 
 def test_symlink_in_folder_is_refused(ckpt):
@@ -481,6 +495,7 @@ def test_auto_map_in_tokenizer_config_is_refused(ckpt, tokenizer_files):
 
 
 def test_unsupported_model_type(ckpt):
+    assert "gpt2" in SUPPORTED_MODEL_TYPES and "bert" not in SUPPORTED_MODEL_TYPES
     write_config(ckpt, model_type="bert", architectures=["BertForMaskedLM"])
     error = inspect_fails(ckpt)
     assert "'bert' is not supported" in error.message and "llama" in error.message
@@ -508,11 +523,16 @@ def test_absurd_config_sizes(ckpt, changes, expected):
     assert error.status_code == 400 and expected in error.message
 
 
-def test_trillion_parameter_config_is_refused_without_building_it(ckpt):
+def test_trillion_parameter_config_is_refused_without_building_it(ckpt, monkeypatch):
     # Within every per-field bound, but about 10**12 parameters in all.
     write_config(ckpt, n_layer=1024, n_embd=16384, n_head=128, vocab_size=1_000_000)
+    built = []
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_config", lambda *args, **kw: built.append(args)
+    )
     error = inspect_fails(ckpt, UploadLimits(**{**LIMITS.__dict__, "max_parameters": 10**12}))
     assert "at least" in error.message and "limit" in error.message
+    assert built == []  # refused on the estimate, not even the meta skeleton was built
 
 
 def test_parameter_limit(ckpt):
