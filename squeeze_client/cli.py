@@ -16,6 +16,7 @@ errors go to stderr. ``--url`` and ``--api-key`` default to ``SQUEEZE_URL`` and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 import httpx
 
 from squeeze_client.client import DEFAULT_URL, TERMINAL_STATUSES, SqueezeClient, SqueezeError
+from squeeze_client.schema import required_references
 
 
 # -- output helpers ---------------------------------------------------------------------------
@@ -248,33 +250,26 @@ def load_spec(path: str) -> dict:
     return spec
 
 
-def fill_spec(spec: dict, model: str | None, dataset: str | None) -> dict:
-    """``--model`` fills ``model_id``; ``--dataset`` fills the ``dataset_id`` of the calibration
-    and evaluation sections (and of distill stages) that the spec has but leaves empty. A value
-    the spec already holds is never overwritten: a different one on the command line is an error."""
-    spec = dict(spec)
-    if model:
-        if spec.get("model_id") not in (None, "", model):
-            raise UsageError(f"the spec names model_id {spec['model_id']}; drop --model or the spec's model_id")
-        spec["model_id"] = model
-    if not spec.get("model_id"):
-        raise UsageError("the spec has no model_id: add one or pass --model")
-    holders = [(name, spec[name]) for name in ("calibration", "evaluation") if name in spec]
-    holders += [(f"stages.{i}", s) for i, s in enumerate(spec.get("stages") or [])
-                if isinstance(s, dict) and s.get("type") == "distill"]
-    for where, section in holders:
-        if section is None:
-            section = {}
-            spec[where] = section
-        if not isinstance(section, dict):
-            continue
-        if dataset:
-            if section.get("dataset_id") not in (None, "", dataset):
-                raise UsageError(f"the spec names {where}.dataset_id {section['dataset_id']}; "
-                                 "drop --dataset or the spec's dataset_id")
-            section["dataset_id"] = dataset
-        elif not section.get("dataset_id"):
-            raise UsageError(f"the spec has no {where}.dataset_id: add one or pass --dataset")
+# The command-line option that fills each kind of reference (``x-squeeze-ref`` in the schema).
+REFERENCE_OPTIONS = {"model": "--model", "dataset": "--dataset"}
+
+
+def fill_spec(spec: dict, openapi: dict, **ids: str | None) -> dict:
+    """``--model`` fills every required model reference the spec leaves empty (``model_id``),
+    ``--dataset`` every required dataset reference (the calibration and evaluation sections the
+    spec has, distillation stages): the fields come from the server's schema (``x-squeeze-ref``),
+    so a new one needs no change here. A value the spec already holds is never overwritten: a
+    different one on the command line is an error. ``ids`` is ``model=..., dataset=...``."""
+    spec = copy.deepcopy(spec)
+    for slot in required_references(spec, openapi):
+        given, option = ids.get(slot.kind), REFERENCE_OPTIONS.get(slot.kind)
+        held = slot.holder.get(slot.key)
+        if given:
+            if held not in (None, "", given):
+                raise UsageError(f"the spec names {slot.path} {held}; drop {option} or the spec's {slot.key}")
+            slot.holder[slot.key] = given
+        elif not held:
+            raise UsageError(f"the spec has no {slot.path}: add one" + (f" or pass {option}" if option else ""))
     return spec
 
 
@@ -330,7 +325,7 @@ def watch(client: SqueezeClient, job_id: str, timeout: float | None = None) -> i
 
 
 def cmd_jobs_submit(client: SqueezeClient, args) -> int:
-    spec = fill_spec(load_spec(args.spec), args.model, args.dataset)
+    spec = fill_spec(load_spec(args.spec), client.openapi(), model=args.model, dataset=args.dataset)
     job = client.create_job(spec)
     print_json(job) if args.json else print(job["id"], flush=True)
     print(f"job {job['id']} {job['status']}", file=sys.stderr)
@@ -412,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("submit", parents=common + [as_json], help="submit a job spec (YAML or JSON)")
     p.add_argument("spec", help="SPEC.yaml or SPEC.json ('-' reads YAML from stdin)")
     p.add_argument("--model", help="model_id, when the spec has none")
-    p.add_argument("--dataset", help="calibration/evaluation dataset_id, when the spec has none")
+    p.add_argument("--dataset", help="the dataset_id of the spec's calibration, evaluation and distillation, "
+                                     "when the spec has none")
     p.add_argument("--watch", action="store_true", help="follow the job; exit 0 if it succeeds, 1 if not")
     p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds")
     p.set_defaults(run=cmd_jobs_submit)

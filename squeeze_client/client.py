@@ -247,6 +247,7 @@ class SqueezeClient:
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
         )
         self._sleep = time.sleep
+        self._openapi: JSON | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -544,6 +545,13 @@ class SqueezeClient:
         return self._json("DELETE", f"/v1/datasets/{dataset_id}")
 
     # -- jobs ---------------------------------------------------------------------------------
+
+    def openapi(self) -> JSON:
+        """The server's OpenAPI document (read once per client): the job spec's schema, with
+        ``x-squeeze-ref`` on the fields that name a model or a dataset."""
+        if self._openapi is None:
+            self._openapi = self._json("GET", "/openapi.json")
+        return self._openapi
 
     def create_job(self, spec: JSON, *, idempotency_key: str | None = None) -> JSON:
         """Submit a job spec (see the README); returns the job (``status`` ``queued``).
