@@ -22,6 +22,9 @@ byte counted (``archives``, ``writing``), JSON is parsed strictly, ``config.json
 before anything is built from it (``model_config``), safetensors headers are checked by hand
 and the architecture is built on the ``meta`` device only to learn which tensors and shapes
 ``config.json`` implies (``weights``). ``staging`` and ``inspection`` run the two steps.
+
+torch and transformers are imported inside the functions that use them: the API process
+imports this package at start and stays free of both until it inspects a checkpoint.
 """
 
 from app.checkpoints.errors import CheckpointError, UploadLimits

@@ -50,7 +50,6 @@ class UploadLimits:
         )
 
 
-
 def over_upload_limit(limits: UploadLimits) -> CheckpointError:
     return CheckpointError(
         f"the upload is over the limit of {human_bytes(limits.max_total_bytes)}; "
@@ -67,7 +66,6 @@ def too_many_parameters(
         f"{what} {amount} parameters, over this server's limit of "
         f"{limits.max_parameters:,}; upload a smaller model."
     )
-
 
 
 def human_bytes(count: float) -> str:

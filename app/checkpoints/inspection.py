@@ -197,8 +197,6 @@ def _find_keys(value: object, keys: set[str]) -> str | None:
     return None
 
 
-
-
 def _check_tokenizer(folder: Path, names: set[str]) -> bool:
     """Load the tokenizer if the upload has one; True when it did."""
     present = sorted(names & TOKENIZER_FILES)

@@ -14,7 +14,6 @@ from pathlib import Path
 from app.checkpoints.errors import CONVERT_HINT, CheckpointError
 
 
-
 def refuse_disguised_formats(
     name: str, head: bytes, file_size: int | None, path: Path | None
 ) -> None:
