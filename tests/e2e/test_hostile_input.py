@@ -386,7 +386,9 @@ def test_trillion_parameter_config_is_refused_without_allocating(stack, state, g
     elapsed = time.monotonic() - started
     assert_refused(response, 400, "at least 2,")
     assert "parameters, over this server's limit of 200,000,000,000" in response.json()["error"]["message"]
-    assert elapsed < 5, f"took {elapsed:.1f}s: the model was built or allocated"
+    # Building it takes minutes; the refusal is arithmetic on the config. The bound leaves a
+    # loaded machine ample room and still tells the two apart.
+    assert elapsed < 30, f"took {elapsed:.1f}s: the model was built or allocated"
     state.assert_unchanged(before)
 
 
@@ -599,8 +601,17 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing(stack, state):
     before = state.take()
     body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.txt\"\r\n\r\n" + b"a" * 100_000
     _raw(stack, _multipart_head(stack, "/v1/datasets", len(body) + 100_000), [body], read=False)
-    time.sleep(1.0)
-    state.assert_unchanged(before)
+    # The server notices the hang-up on its own time (a loaded machine may take a while):
+    # wait until it has cleaned up, and fail only if it never does.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            state.assert_unchanged(before)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.mark.parametrize("spec, param, phrase", [
