@@ -6,6 +6,7 @@ talks to ``/v1`` with the key the user signs in with, like any other client.
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -14,12 +15,17 @@ from fastapi.staticfiles import StaticFiles
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
+# The client is ES modules (app.js imports js/*.js), which browsers refuse unless served as
+# JavaScript; Python's MIME table comes partly from the system (the Windows registry can say
+# text/plain for .js), so the type is set here.
+mimetypes.add_type("text/javascript", ".js")
+
 router = APIRouter(include_in_schema=False)
 
 
 class _Revalidated(StaticFiles):
     """Static files that the browser revalidates (ETag) on every load, so a new release's
-    app.js is never mixed with an old cached index.html."""
+    modules are never mixed with an old cached index.html or with each other."""
 
     def file_response(self, *args, **kwargs):
         response = super().file_response(*args, **kwargs)

@@ -4,7 +4,8 @@ nothing from another origin. No browser needed."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
+import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 from fastapi.testclient import TestClient
@@ -45,8 +46,35 @@ def test_client_routes_are_not_in_the_openapi_document(client):
     assert not [p for p in paths if p == "/" or p.startswith("/ui")]
 
 
+def test_every_module_the_client_imports_is_served_as_javascript(client):
+    # The modules load one another by relative path; a misspelt or unshipped one breaks the page.
+    seen, queue = set(), ["app.js"]
+    while queue:
+        name = queue.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        response = client.get(f"/ui/{name}")
+        assert response.status_code == 200 and "javascript" in response.headers["content-type"], name
+        for spec in re.findall(r"""^import\s[^;]*?from\s+["'](\.[^"']+)["']""", response.text, re.M):
+            queue.append(str(PurePosixPath(name).parent / spec).removeprefix("./"))
+    modules = {p.relative_to(WEB).as_posix() for p in WEB.rglob("*.js")}
+    assert seen == modules  # and no module is left unused
+
+
+def test_the_package_ships_every_client_file():
+    patterns = tomllib.loads((WEB.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
+    # As setuptools reads them: a pattern is a glob relative to the package, "*" stops at "/".
+    for path in WEB.rglob("*"):
+        if path.is_file():
+            relative = PurePosixPath(path.relative_to(WEB.parent).as_posix())
+            assert any(len(relative.parts) == len(PurePosixPath(p).parts) and relative.match(p) for p in patterns), relative
+
+
 def test_nothing_is_loaded_from_another_origin():
-    for path in WEB.iterdir():
+    for path in WEB.rglob("*"):
+        if not path.is_file():
+            continue
         text = path.read_text()
         # No CDN, no font service, no remote script or stylesheet: every URL is relative.
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), path.name
