@@ -13,11 +13,26 @@ from app.db.models import Base, Job, JobStatus
 Row = TypeVar("Row", bound=Base)
 
 
-def get(session: Session, model: type[Row], object_id: str, tenant_id: str) -> Row | None:
-    """The row if it exists in this tenant. Another tenant's row is reported as absent."""
+# Row locks held until the transaction ends. A job being submitted "share"-locks each object its
+# spec names; a deletion "update"-locks the object before it looks for jobs naming it: one waits
+# for the other, so neither misses the other. PostgreSQL: FOR KEY SHARE / FOR UPDATE.
+LOCKS = {"share": {"read": True, "key_share": True}, "update": True}
+
+
+def get(session: Session, model: type[Row], object_id: str, tenant_id: str, lock: str | None = None) -> Row | None:
+    """The row if it exists in this tenant. Another tenant's row is reported as absent.
+    ``lock``: "share" or "update" (see LOCKS), or None."""
     if "\x00" in object_id:  # no id has one, and PostgreSQL cannot even compare it
         return None
-    row = session.get(model, object_id)
+    if lock is None:
+        row = session.get(model, object_id)
+    elif session.get_bind().dialect.name == "sqlite":
+        # SQLite has no row locks, only one writer at a time: a write that changes nothing takes
+        # that lock (both kinds), and the read after it sees what the previous writer committed.
+        session.execute(update(model).where(model.id == object_id).values(id=model.id))
+        row = session.get(model, object_id, populate_existing=True)
+    else:
+        row = session.get(model, object_id, with_for_update=LOCKS[lock])
     return row if row is not None and row.tenant_id == tenant_id else None
 
 

@@ -14,7 +14,7 @@ from app.checkpoints import CheckpointError, plain_file_name
 from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, new_id
-from app.errors import APIError, NotFound, PayloadTooLarge
+from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
 from app.services.references import refuse_while_referenced
 from app.storage import CHUNK, LocalStore
@@ -114,8 +114,9 @@ def _check_jsonl_line(line: str, number: int) -> int:
     return 1
 
 
-def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = "dataset_id") -> Dataset:
-    dataset = repositories.get(session, Dataset, dataset_id, tenant_id)
+def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = "dataset_id",
+                lock: str | None = None) -> Dataset:
+    dataset = repositories.get(session, Dataset, dataset_id, tenant_id, lock=lock)
     if dataset is None:
         raise NotFound(f"no dataset {dataset_id!r}", param=param)
     return dataset
@@ -123,8 +124,13 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = 
 
 def delete_dataset(session: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
     """Refused (409) while a queued or running job names the dataset anywhere in its spec."""
-    dataset = get_dataset(session, tenant_id, dataset_id)
-    refuse_while_referenced(session, tenant_id, "dataset", dataset_id, param="dataset_id")
+    # Locked: a submission naming the dataset waits for the deletion, or the deletion for it.
+    dataset = get_dataset(session, tenant_id, dataset_id, lock="update")
+    try:
+        refuse_while_referenced(session, tenant_id, "dataset", dataset_id, param="dataset_id")
+    except Conflict:
+        session.rollback()  # let go of the lock
+        raise
     session.delete(dataset)
     session.commit()
     store.delete("datasets", dataset_id)

@@ -27,7 +27,11 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
     limit = get_settings().max_active_jobs_per_tenant
     if repositories.active_job_count(session, tenant_id) >= limit:
         raise TooManyRequests(f"at most {limit} queued or running jobs per tenant; wait for some to finish")
-    _check_references(session, tenant_id, spec, model)
+    try:
+        _check_references(session, tenant_id, spec, model)
+    except APIError:
+        session.rollback()  # let go of the locks taken on the objects checked so far
+        raise
     job = Job(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, metadata_=spec.metadata,
         # The webhook lives in its own columns: its secret must never be echoed in `spec`.
@@ -50,7 +54,8 @@ def _check_references(session: Session, tenant_id: str, spec: JobSpec, model: Mo
     e.g. ``stages.1.teacher_model_id``. Text is tokenized with the job model's tokenizer."""
     lookups = {"dataset": get_dataset, "model": get_model}
     for ref in reference_fields(spec):
-        lookups[ref.kind](session, tenant_id, ref.id, param=ref.path)
+        # Locked until the job is committed: a deletion of the object waits for it (or we for the deletion).
+        lookups[ref.kind](session, tenant_id, ref.id, param=ref.path, lock="share")
         if ref.kind == "dataset" and not model.has_tokenizer:
             raise APIError(
                 f"model {model.id!r} was uploaded without tokenizer files, so the text of {ref.path} "

@@ -71,8 +71,9 @@ def create_model(
         store.discard(staging)
 
 
-def get_model(session: Session, tenant_id: str, model_id: str, param: str = "model_id") -> Model:
-    model = repositories.get(session, Model, model_id, tenant_id)
+def get_model(session: Session, tenant_id: str, model_id: str, param: str = "model_id",
+              lock: str | None = None) -> Model:
+    model = repositories.get(session, Model, model_id, tenant_id, lock=lock)
     if model is None:
         raise NotFound(f"no model {model_id!r}", param=param)
     return model
@@ -81,13 +82,18 @@ def get_model(session: Session, tenant_id: str, model_id: str, param: str = "mod
 def delete_model(session: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:
     """Refused (409) while a queued or running job names the model anywhere in its spec (as a
     distillation teacher, say), and while any job has it as its input model."""
-    model = get_model(session, tenant_id, model_id)
-    refuse_while_referenced(session, tenant_id, "model", model_id, param="model_id")
-    if repositories.jobs_using_model(session, model_id):
-        raise Conflict(
-            f"model {model_id!r} has jobs; delete is refused so their records stay complete",
-            param="model_id",
-        )
+    # Locked: a submission naming the model waits for the deletion, or the deletion for it.
+    model = get_model(session, tenant_id, model_id, lock="update")
+    try:
+        refuse_while_referenced(session, tenant_id, "model", model_id, param="model_id")
+        if repositories.jobs_using_model(session, model_id):
+            raise Conflict(
+                f"model {model_id!r} has jobs; delete is refused so their records stay complete",
+                param="model_id",
+            )
+    except Conflict:
+        session.rollback()  # let go of the lock
+        raise
     session.delete(model)
     session.commit()
     store.delete("models", model_id)

@@ -1,5 +1,7 @@
-"""The services on a real SQLite database with the migrations applied, in-process: no API, no
-worker, no broker. Each test gets a fresh copy of a database migrated once per session.
+"""The services on real databases with the migrations applied, in-process: no API, no worker, no
+broker. Each test runs twice: on SQLite (a fresh copy of a file migrated once per session) and on
+PostgreSQL (one database migrated once per session; every test makes its own tenants, so rows
+never mix), which is where row locks are real.
 
 >>> def test_something(db):
 ...     tenant = db.tenant()
@@ -10,6 +12,7 @@ worker, no broker. Each test gets a fresh copy of a database migrated once per s
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from app.config import get_settings
 from app.db import session as db_session
 from app.db.models import Dataset, Job, JobStatus, Model, Tenant, new_id
 from app.storage import LocalStore
+from tests.e2e.stack import PG_ADMIN_URL, PG_HOST_URL
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -40,17 +44,39 @@ def _forget_database() -> None:
         cached.cache_clear()
 
 
-@pytest.fixture(scope="session")
-def migrated_database(tmp_path_factory) -> Path:
-    """A SQLite file with every alembic migration applied, as ``make run`` would leave it."""
-    path = tmp_path_factory.mktemp("services-db") / "template.db"
+def _migrate(url: str) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _use_database(monkeypatch, f"sqlite:///{path}")
+        _use_database(monkeypatch, url)
         config = Config(str(ROOT / "alembic.ini"))
         config.attributes["configure_logger"] = False
         command.upgrade(config, "head")
         _forget_database()
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """A SQLite file with every alembic migration applied, as ``make run`` would leave it."""
+    path = tmp_path_factory.mktemp("services-db") / "template.db"
+    _migrate(f"sqlite:///{path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres() -> str:
+    """The URL of a fresh PostgreSQL database with every migration applied (dropped at the end)."""
+    import psycopg
+
+    name = f"squeeze_services_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} (SQUEEZE_TEST_PG_ADMIN): {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        url = f"{PG_HOST_URL.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+        _migrate(url)
+        yield url
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -59,7 +85,12 @@ class Database:
 
     session: Session
     store: LocalStore
+    dialect: str  # "sqlite" | "postgresql"
     sent: list[str] = field(default_factory=list)  # job ids handed to the broker
+
+    def new_session(self) -> Session:
+        """Another connection to the same database, as a second request would have."""
+        return db_session.get_sessionmaker()()
 
     def tenant(self, name: str | None = None) -> str:
         tenant = Tenant(id=new_id("ten"), name=name or new_id("tenant"))
@@ -94,14 +125,18 @@ class Database:
         return job
 
 
-@pytest.fixture
-def db(migrated_database, tmp_path, monkeypatch) -> Database:
-    path = tmp_path / "squeeze.db"
-    shutil.copyfile(migrated_database, path)
-    _use_database(monkeypatch, f"sqlite:///{path}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path, monkeypatch) -> Database:
+    if request.param == "sqlite":
+        path = tmp_path / "squeeze.db"
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite"), path)
+        url = f"sqlite:///{path}"
+    else:
+        url = request.getfixturevalue("migrated_postgres")
+    _use_database(monkeypatch, url)
     monkeypatch.setenv("SQUEEZE_STORAGE_ROOT", str(tmp_path / "store"))
     get_settings.cache_clear()
-    database = Database(db_session.get_sessionmaker()(), LocalStore(tmp_path / "store"))
+    database = Database(db_session.get_sessionmaker()(), LocalStore(tmp_path / "store"), request.param)
     # The broker is not under test here: record what would be sent.
     monkeypatch.setattr("worker.celery_app.send_run_job", database.sent.append)
     yield database

@@ -82,7 +82,7 @@ def test_a_missing_or_foreign_reference_is_refused_naming_its_field(world, path,
 
     assert (refused.value.status_code, refused.value.param) == (404, path)
     assert bad_id in refused.value.message and f"no {kind}" in refused.value.message
-    assert db.session.query(Job).count() == 0 and db.sent == []
+    assert db.session.query(Job).filter_by(tenant_id=world["tenant"]).count() == 0 and db.sent == []
 
 
 def _naming_text_once(dataset_id: str) -> dict[str, dict]:
