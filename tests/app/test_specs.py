@@ -179,3 +179,14 @@ def test_an_empty_or_overlong_id_is_refused_naming_its_field(path, bad):
         JobSpec.model_validate(body)
     loc = [str(part) for part in info.value.errors()[0]["loc"] if part not in STAGE_TAGS]
     assert ".".join(loc) == path
+
+
+def test_a_list_of_references_names_each_id_by_its_index():
+    from app.specs import DatasetRef, RequestModel
+
+    class Blend(RequestModel):
+        dataset_ids: list[DatasetRef]
+        weights: list[float]
+
+    refs = [(ref.path, ref.kind, ref.id) for ref in reference_fields(Blend(dataset_ids=["ds_a", "ds_b"], weights=[1, 2]))]
+    assert refs == [("dataset_ids.0", "dataset", "ds_a"), ("dataset_ids.1", "dataset", "ds_b")]
