@@ -3,7 +3,8 @@
 // method is written here: a new stage config in app/specs.py appears in the form as it is.
 //
 // A property that names another object carries "x-squeeze-ref" ("dataset" or "model") in the
-// schema; it gets a picker of the tenant's datasets or models instead of a text box.
+// schema (app/specs.py: DatasetRef, ModelRef); it gets a picker of the tenant's datasets or
+// models instead of a text box. A kind this client has no list for stays a text box.
 
 import { $$, h, richText } from "./dom.js";
 import { fmtBytes, fmtCount } from "./format.js";
