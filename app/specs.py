@@ -10,8 +10,8 @@ layer's weights by magnitude, then stores them as int8::
                 {"type": "quantize", "method": "rtn", "bits": 8}],
      "evaluation": {"dataset_id": "ds_0123..."}}
 
-Adding a method: write its config class here, add it to ``STAGE_CONFIGS``, and register a
-handler for it in ``worker/engine``.
+Adding a method: write its config class here and add it to ``STAGE_CONFIGS``; its handler is
+one new file under ``worker/engine/<family>/`` (``@register(TheConfig)``), found by discovery.
 
 A field that names another object is typed ``DatasetRef`` or ``ModelRef``: that one annotation
 is what the submission check, deletion, the worker, the CLI and the web client's pickers read
@@ -502,8 +502,3 @@ class JobSpec(RequestModel):
             if needing:
                 raise ValueError(f"{', '.join(needing)} needs calibration data: add a calibration section")
         return calibration
-
-
-def parse_stages(raw: list[dict[str, Any]]) -> list[BaseModel]:
-    """Re-read stored stages into their config models (the worker's side of the spec)."""
-    return JobSpec.model_validate({"model_id": "x", "stages": raw}).stages

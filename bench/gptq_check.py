@@ -103,10 +103,10 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    import worker.engine.pipeline  # noqa: F401
     from worker.engine.calibration import calibration_batches
-    from worker.engine.export import load_model
-    from worker.engine.pipeline import EngineContext, run_pipeline
+    from worker.engine.loading import load_model
+    from worker.engine.pipeline import run_pipeline
+    from worker.engine.registry import EngineContext
     from worker.evaluate import perplexity
 
     device = torch.device("cpu")

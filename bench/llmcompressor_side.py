@@ -1,8 +1,8 @@
 """llm-compressor's side of ``bench/quality.py``: one oneshot recipe on one model, timed.
 
 Runs in its own virtual environment, ``bench/.venv-lc`` (``python -m bench.quality
---setup-llmcompressor`` makes it): llm-compressor 0.14 pins transformers <= 5.17 and
-compressed-tensors 0.19, which the service's environment cannot hold. So this file imports
+--setup-llmcompressor`` makes it): llm-compressor's pins (``LLMCOMPRESSOR_REQUIREMENTS`` there)
+exclude the service's (pyproject.toml), so one environment cannot hold both. So this file imports
 nothing from the project; the two sides exchange ``save_pretrained`` folders and a safetensors
 file of calibration token ids::
 

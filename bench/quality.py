@@ -22,10 +22,10 @@ Once per model (a GPT-2 and a Llama, ~4M parameters each):
    the recipe (sizes, steps, learning rate...): a rerun skips training, and a model trained
    longer or sized differently (``--width``, ``--heads``, ``--gpt2-mlp``, ``--llama-mlp``) gets
    its own folder.
-3. **Rows** (``ROWS``). Each row runs in a fresh subprocess, as a worker would run the job:
-   ``run_pipeline`` on the stages, ``write_checkpoint`` in the format a job picks
-   (compressed-tensors when a stage quantized, dense otherwise), the artifact loaded back with
-   ``load_model`` and measured. A stage whose handler is not registered yet gives "n/a".
+3. **Rows** (``ROWS``). Each row runs in a fresh subprocess through the function a worker
+   runs a job with, ``worker.engine.compress.compress``: the stages, the artifact in the format
+   a job picks (compressed-tensors when a stage quantized, dense otherwise), loaded back and
+   evaluated. A stage whose handler is not registered yet gives "n/a".
 4. **llm-compressor.** Its matching oneshot recipes (``bench/llmcompressor_side.py``) run in
    their own environment, ``bench/.venv-lc``, on the same model (GPT-2 rewritten with
    ``nn.Linear`` layers, since its modifiers skip ``Conv1D``) and the same calibration samples;
@@ -33,16 +33,18 @@ Once per model (a GPT-2 and a Llama, ~4M parameters each):
 
 What each column means:
 
-- ``ppl``: ``worker.evaluate.perplexity`` of the artifact on the first ``eval_tokens`` held-out
-  tokens, window = the model's context (256), stride = half of it, the same for every row.
-- ``artifact MB``: every file ``write_checkpoint`` wrote (weights, config, tokenizer): the bytes
-  a client downloads, untarred.
-- ``compress s``: wall time of ``run_pipeline`` (the stages, not the export or the evaluation).
-- ``peak MiB``: the peak resident memory (``VmHWM``) of the row's subprocess, read right after
-  the export: loading, compressing and writing, on top of Python + torch + transformers (the
-  ``dense`` row shows that floor). tracemalloc does not see torch's allocations; a fresh process
-  per row makes the high-water mark the row's own (``ru_maxrss`` would not: Linux carries it
-  across ``exec``, from the parent).
+- ``ppl``: the job's perplexity after (``worker.evaluate.perplexity`` of the artifact) on the
+  first ``eval_tokens`` held-out tokens, window = the model's context (256), stride = half of
+  it, the same for every row.
+- ``artifact MB``: every file the export wrote (weights, config, tokenizer): the bytes a client
+  downloads, untarred.
+- ``compress s``: wall time of the stages (not the export or the evaluation).
+- ``peak MiB``: the peak resident memory (``VmHWM``) of the row's subprocess from the first
+  stage to the end of the export: compressing and writing, on top of Python + torch +
+  transformers + the loaded model and its calibration windows (the ``dense`` row shows that
+  floor). The tokenizing before it is left out (``forget_peak_of_tokenizing``). tracemalloc
+  does not see torch's allocations; a fresh process per row makes the high-water mark the
+  row's own (``ru_maxrss`` would not: Linux carries it across ``exec``, from the parent).
 - ``ms/token``, ``× dense speed``: ``latency_ms_per_token`` (batch 1, a full-context forward
   pass, one thread) of the artifact and of the dense model, one pass of each alternately in the
   same process, best of 20 each: the machine is shared, the best pass is the least disturbed.
@@ -67,23 +69,23 @@ from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
 
-from app.specs import (DistillKD, PruneMagnitude, PruneRandom, PruneSparseGPT,  # noqa: E402
-                       PruneStructured, PruneWanda, QuantizeDynamicInt8, QuantizeGPTQ,
-                       QuantizeRTN, stage_name)
+from app.specs import (CalibrationSpec, DistillKD, EvaluationSpec, JobSpec,  # noqa: E402
+                       OutputSpec, PruneMagnitude, PruneRandom, PruneSparseGPT, PruneStructured,
+                       PruneWanda, QuantizeDynamicInt8, QuantizeGPTQ, QuantizeRTN, stage_name)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
 LLMCOMPRESSOR_VENV = BENCH_DIR / ".venv-lc"
 LLMCOMPRESSOR_SIDE = BENCH_DIR / "llmcompressor_side.py"
-# llm-compressor 0.14.0.1 requires transformers >=5.15,<=5.17 and compressed-tensors ==0.19.0;
-# the service runs transformers 5.24 and compressed-tensors 0.20.1, so it gets its own venv
-# (torch is the same build as ours, installed first).
+# llm-compressor's pins and the service's (pyproject.toml) exclude each other, so it gets its
+# own venv (torch is the same build as ours, installed first).
 LLMCOMPRESSOR_REQUIREMENTS = ("llmcompressor==0.14.0.1", "transformers==5.17.0",
                               "compressed-tensors==0.19.0")
 
 EOS = "<|endoftext|>"
 HELD_OUT_FRACTION = 0.10
-DATASET_ID = "bench-train"  # the distillation stages' dataset: the training split
+DATASET_ID = "bench-train"  # calibration and distillation: the training split
+HELD_OUT_ID = "bench-held-out"  # evaluation
 CODE_VERSION = 1  # bump when the training code changes what a recipe produces
 
 
@@ -423,7 +425,7 @@ ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 def missing_handlers(stages: list) -> list[str]:
     """The stages (``"prune.wanda"``) no engine handler is registered for yet."""
-    from worker.engine.pipeline import handler_for
+    from worker.engine.registry import handler_for
 
     missing = []
     for stage in stages:
@@ -443,6 +445,7 @@ class RowJob:
     model_dir: str
     inputs: str
     train_text: str
+    held_out_text: str
     work_dir: str
 
 
@@ -477,49 +480,75 @@ def earlier_result(path: Path, inputs_path: Path) -> dict[str, Any] | None:
     return result if result.get("status") == "ok" and result.get("inputs") == str(inputs_path) else None
 
 
-def run_row(job: RowJob) -> dict[str, Any]:
-    """The body of a row's subprocess: compress, export, reload, measure."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+def row_spec(stages: list, settings: Settings) -> JobSpec:
+    """The job a row runs: its stages, calibrated on the training split and evaluated on the
+    held-out tokens every row and llm-compressor see (``cached_inputs`` draws the same)."""
+    fields = dict(
+        model_id="bench", stages=stages, output=OutputSpec(),
+        calibration=CalibrationSpec(dataset_id=DATASET_ID, samples=settings.calibration_samples,
+                                    seq_len=settings.calibration_seq_len, seed=0),
+        evaluation=EvaluationSpec(dataset_id=HELD_OUT_ID, seq_len=settings.context,
+                                  stride=settings.eval_stride, max_tokens=settings.eval_tokens))
+    # The dense row has no stage, which a job may not have: its spec skips validation.
+    return JobSpec(**fields) if stages else JobSpec.model_construct(**fields, webhook=None, metadata={})
 
-    import worker.engine.pipeline  # noqa: F401  (first: the method modules import export)
-    from worker.engine.export import load_model, resolve_format, write_checkpoint
-    from worker.engine.pipeline import EngineContext, run_pipeline
-    from worker.evaluate import perplexity, weight_stats
+
+def run_row(job: RowJob) -> dict[str, Any]:
+    """The body of a row's subprocess: the row's job through ``compress``, then the artifact's
+    latency against the dense model's."""
+    import torch
+
+    from worker.engine.compress import JobHooks, compress
+    from worker.engine.loading import load_model
 
     settings = Settings(**job.settings)
     stages = ROWS_BY_NAME[job.row].stages(settings)
     missing = missing_handlers(stages)
     if missing:
         return {"status": "n/a", "reason": "not implemented: " + ", ".join(missing)}
-    device = torch.device("cpu")
-    model_dir, work = Path(job.model_dir), Path(job.work_dir)
-    inputs = load_file(job.inputs)
-    model = load_model(model_dir, device)
-    ctx = EngineContext(
-        device=device, calibration=[sample.unsqueeze(0) for sample in inputs["calibration"]],
-        tokenizer=AutoTokenizer.from_pretrained(model_dir, local_files_only=True),
-        resolve_dataset=lambda _dataset_id: Path(job.train_text), source_model_dir=model_dir)
+    files = {DATASET_ID: Path(job.train_text), HELD_OUT_ID: Path(job.held_out_text)}
 
-    started = time.perf_counter()
-    stage_metrics = run_pipeline(model, stages, ctx)
-    compress_s = time.perf_counter() - started
-    fmt = resolve_format("auto", ctx)  # what a job with the default output format writes
-    artifact_dir = work / "artifact"
-    export = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, model_dir)
-    peak_rss_mib = peak_rss_mib_of_this_process()
-    del model, ctx
+    class RowHooks(JobHooks):
+        peak_rss_mib: float | None = None
+        measuring = False
 
-    artifact = load_model(artifact_dir, device)
-    stats = weight_stats(artifact)
-    ppl = perplexity(artifact, inputs["eval_ids"], settings.context, settings.eval_stride, device)
-    latency, dense_latency = paired_latency(artifact, load_model(model_dir, device), settings)
-    return {"status": "ok", "perplexity": ppl, "format": fmt, "compress_s": compress_s,
-            "artifact_bytes": folder_bytes(artifact_dir), "weights_bytes": export["weights_bytes"],
-            "parameters": stats["parameters"], "sparsity": stats["sparsity"],
-            "peak_rss_mib": peak_rss_mib, "ms_per_token": latency,
-            "dense_ms_per_token": dense_latency, "stages": stage_metrics}
+        def phase_started(self, name: str, stage_index: int | None, progress: float) -> None:
+            if name == "evaluate.after":
+                self.peak_rss_mib = peak_rss_mib_of_this_process()
+            elif name not in ("load", "evaluate.before") and not self.measuring:
+                self.measuring = True  # the first stage, or the export of the dense row
+                forget_peak_of_tokenizing()
+
+        def dataset_file(self, dataset_id: str) -> Path:
+            return files[dataset_id]
+
+    device, model_dir, hooks = torch.device("cpu"), Path(job.model_dir), RowHooks()
+    artifact_dir, metrics = compress(model_dir, row_spec(stages, settings), Path(job.work_dir),
+                                     device=device, hooks=hooks)
+    latency, dense_latency = paired_latency(load_model(artifact_dir, device), load_model(model_dir, device),
+                                            settings)
+    after = metrics["after"]
+    return {"status": "ok", "perplexity": after["perplexity"], "format": metrics["export"]["format"],
+            "compress_s": sum(stage["wall_time_s"] for stage in metrics["stages"]),
+            "artifact_bytes": folder_bytes(artifact_dir), "weights_bytes": metrics["export"]["weights_bytes"],
+            "parameters": after["parameters"], "sparsity": after["sparsity"],
+            "peak_rss_mib": hooks.peak_rss_mib, "ms_per_token": latency,
+            "dense_ms_per_token": dense_latency, "stages": metrics["stages"]}
+
+
+def forget_peak_of_tokenizing() -> None:
+    """Make the memory peak start over: tokenizing the datasets (up to a million tokens for the
+    calibration windows) peaks and leaves freed pages behind the allocator, several hundred MiB
+    on the full corpus, which llm-compressor's side never pays (it reads the same windows
+    already tokenized). Freed pages go back to the system, then the kernel's high-water mark is
+    reset to what is resident now (``/proc/self/clear_refs``, Linux)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def peak_rss_mib_of_this_process() -> float:
@@ -585,7 +614,8 @@ def setup_llmcompressor() -> Path:
 def linear_equivalent(model_dir: Path, arch: str) -> Path:
     """The model with ``nn.Linear`` layers, which llm-compressor's modifiers target: Llama as it
     is; GPT-2 written as the GPTBigCode model that computes the same logits (the export's own
-    conversion, ``_as_gpt_bigcode``), since its ``Conv1D`` layers would be silently skipped."""
+    conversion, ``worker.engine.gpt_bigcode``), since its ``Conv1D`` layers would be silently
+    skipped."""
     if arch != "gpt2":
         return model_dir
     folder = model_dir / "as-gpt-bigcode"
@@ -594,10 +624,11 @@ def linear_equivalent(model_dir: Path, arch: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    import worker.engine.pipeline  # noqa: F401
-    from worker.engine.export import TOKENIZER_FILES, _as_gpt_bigcode, load_model
+    from worker.engine.export import TOKENIZER_FILES
+    from worker.engine.gpt_bigcode import as_gpt_bigcode
+    from worker.engine.loading import load_model
 
-    config, tensors, _ = _as_gpt_bigcode(load_model(model_dir, torch.device("cpu")), {})
+    config, tensors, _ = as_gpt_bigcode(load_model(model_dir, torch.device("cpu")))
     config["dtype"] = "float32"
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -620,8 +651,7 @@ def compare_with_llmcompressor(arch: str, rows: list[Row], results: dict[str, di
     import torch
     from safetensors.torch import load_file
 
-    import worker.engine.pipeline  # noqa: F401
-    from worker.engine.export import load_model
+    from worker.engine.loading import load_model
     from worker.evaluate import perplexity, weight_stats
 
     python = setup_llmcompressor()
@@ -922,9 +952,10 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{arch} {row.name}")
             results[row.name] = run_row_in_subprocess(RowJob(
                 row=row.name, settings=asdict(settings), model_dir=str(model_dir),
-                inputs=str(inputs_path), train_text=str(train_text), work_dir=str(work / row.name)))
+                inputs=str(inputs_path), train_text=str(train_text), held_out_text=str(held_out_text),
+                work_dir=str(work / row.name)))
             if not os.environ.get("BENCH_KEEP_ARTIFACTS"):
-                shutil.rmtree(work / row.name / "artifact", ignore_errors=True)
+                shutil.rmtree(work / row.name / "model", ignore_errors=True)
             report["models"][arch] = {"training": training, "rows": results}
             write_report(args.json, report)  # as it goes: a crash later loses no row
         theirs = None

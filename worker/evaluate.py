@@ -100,9 +100,7 @@ def checkpoint_stats(folder: Path, parameters: int | None = None) -> dict[str, A
     Pass ``parameters`` (``weight_stats(model)["parameters"]``) when the model is at hand:
     tied weights stored twice would otherwise count twice. Without it the count is read from
     the safetensors headers: every tensor except the quantization metadata (scales, zero
-    points, shapes), a packed ``weight_packed`` counted by its ``weight_shape`` and a
-    sparse-bitmask layer (``compressed``, ``bitmask``, ``row_offsets``, ``shape``) by its dense
-    ``shape``, so that a 50% sparse float32 layer costs about 17 bits per weight, not 34.
+    points, shapes), a packed ``weight_packed`` counted by its ``weight_shape``.
     """
     folder = Path(folder)
     files = [path for path in folder.rglob("*") if path.is_file()]
@@ -128,32 +126,16 @@ def _parameters_in_checkpoint(weight_files: list[Path]) -> int:
         header = read_header(path, max_header_bytes=path.stat().st_size)
         for name, entry in header.tensors.items():
             shapes[name], where[name] = entry.shape, path
-    # The other parts of a sparse-bitmask layer: counted through its `.compressed` values.
-    bitmask_parts = {
-        name.removesuffix(".compressed") + suffix
-        for name in shapes if name.endswith(".compressed")
-        for suffix in (".bitmask", ".row_offsets", ".shape")
-    }
     count = 0
     for name, shape in shapes.items():
-        shape_name = _dense_shape_name(name)
-        if shape_name is not None:
+        if name.endswith(".weight_packed"):  # integers packed into int32 words: the dense shape
+            shape_name = name.removesuffix("_packed") + "_shape"
             with safe_open(where[shape_name], framework="pt") as tensors:
                 shape = tensors.get_tensor(shape_name).tolist()
-        elif name.endswith(_QUANTIZATION_TENSOR_SUFFIXES) or name in bitmask_parts:
+        elif name.endswith(_QUANTIZATION_TENSOR_SUFFIXES):
             continue
         count += math.prod(shape)
     return count
-
-
-def _dense_shape_name(name: str) -> str | None:
-    """For a tensor that stores a layer in fewer values than it has weights (packed integers,
-    sparse-bitmask nonzeros), the tensor holding the layer's dense shape."""
-    if name.endswith(".weight_packed"):
-        return name.removesuffix("_packed") + "_shape"
-    if name.endswith(".compressed"):
-        return name.removesuffix(".compressed") + ".shape"
-    return None
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from app.db.models import Dataset, Job, JobStatus, Model, utcnow
 from app.db.session import session_scope
 from app.observability import job_id_var
 from app.services import events
-from app.specs import JobSpec, stage_name
+from app.specs import JobSpec
 from app.storage import get_store, sha256_file
 from worker.celery_app import RUN_JOB, app
 
@@ -169,17 +169,6 @@ class Heartbeat:
 
 
 @dataclass
-class Phases:
-    """The job's steps in order, for one overall progress figure and the current step's name."""
-
-    names: list[str]
-    current: int = 0
-
-    def fraction(self, within: float) -> float:
-        return min(1.0, (self.current + max(0.0, min(1.0, within))) / len(self.names))
-
-
-@dataclass
 class JobRunner:
     job_id: str
     worker_id: str | None = None
@@ -258,12 +247,8 @@ class JobRunner:
     # -- the work -------------------------------------------------------------------------
 
     def _execute(self, staging: Path) -> tuple[dict, dict]:
-        import torch
-
-        from worker import evaluate
-        from worker.engine import calibration as calib
-        from worker.engine.export import load_model, resolve_format, write_checkpoint
-        from worker.engine.pipeline import EngineContext, run_pipeline
+        # Imported when a job runs, not with the task module: the engine brings torch.
+        from worker.engine.compress import compress
 
         store = get_store()
         with session_scope() as session:
@@ -274,79 +259,22 @@ class JobRunner:
                 section: session.get(Dataset, getattr(spec, section).dataset_id)
                 for section in ("calibration", "evaluation") if getattr(spec, section) is not None
             }
+        dataset_files = {}
         for section, dataset in datasets.items():
             if dataset is None:
                 raise LookupError(f"the {section} dataset was deleted before the job ran")
-        source_dir = store.path("models", model_row.id)
-        device = self._device(torch)
-        evaluation = spec.evaluation
-        phases = Phases(["load"] + (["evaluate.before"] if evaluation else [])
-                        + [stage_name(s) for s in spec.stages] + ["export"]
-                        + (["evaluate.after"] if evaluation else []))
+            dataset_files[dataset.id] = self._dataset_path(store, dataset)
         started = time.monotonic()
-
-        self._enter(phases, phases.names.index("load"))
-        model = load_model(source_dir, device)
-        needs_text = bool(datasets) or any(getattr(s, "dataset_id", None) for s in spec.stages)
-        tokenizer = self._tokenizer(source_dir) if needs_text else None
-        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-        latency_len = min(128, context)
-        before = {**evaluate.checkpoint_stats(source_dir), **evaluate.weight_stats(model),
-                  "latency_ms_per_token": evaluate.latency_ms_per_token(model, latency_len, model.config.vocab_size, device)}
-
-        eval_ids = eval_window = None
-        if evaluation:
-            self._enter(phases, phases.names.index("evaluate.before"))
-            texts = calib.read_texts(self._dataset_path(store, datasets["evaluation"]))
-            eval_ids = calib.token_stream(tokenizer, texts, max_tokens=evaluation.max_tokens)
-            eval_window = evaluation.seq_len or min(context, 1024)
-            stride = evaluation.stride or max(1, eval_window // 2)
-            before["perplexity"] = evaluate.perplexity(model, eval_ids, eval_window, stride, device)
-            self._event("metric", f"perplexity before: {before['perplexity']:.4g}", perplexity_before=before["perplexity"])
-
-        batches = None
-        if spec.calibration:
-            texts = calib.read_texts(self._dataset_path(store, datasets["calibration"]))
-            batches = calib.calibration_batches(tokenizer, texts, spec.calibration.samples,
-                                                spec.calibration.seq_len, spec.calibration.seed)
-
-        ctx = EngineContext(device=device, calibration=batches,
-                            on_progress=lambda f: self._progress(phases, f),
-                            should_cancel=self._should_cancel, tokenizer=tokenizer,
-                            resolve_dataset=lambda dataset_id: self._dataset_file(store, dataset_id),
-                            resolve_model=lambda model_id: store.path("models", model_id),
-                            source_model_dir=source_dir)
-
-        first_stage = phases.names.index("export") - len(spec.stages)
-
-        def on_stage_start(index: int, _name: str) -> None:
-            self._enter(phases, first_stage + index, stage_index=index)
-
-        stage_metrics = run_pipeline(model, spec.stages, ctx, on_stage_start=on_stage_start)
-        model = ctx.model
-        self._event("metric", "stages finished", stages=stage_metrics)
-
-        self._enter(phases, phases.names.index("export"))
-        fmt = resolve_format(spec.output.format, ctx)
-        out_dir = staging / "model"
-        export_info = write_checkpoint(model, ctx, out_dir, fmt, source_dir)
-        del model  # the artifact is what gets measured from here on
-
-        artifact_model = load_model(out_dir, device)
-        after = {**evaluate.checkpoint_stats(out_dir), **evaluate.weight_stats(artifact_model),
-                 "latency_ms_per_token": evaluate.latency_ms_per_token(artifact_model, latency_len, artifact_model.config.vocab_size, device)}
-        if evaluation:
-            self._enter(phases, phases.names.index("evaluate.after"))
-            after["perplexity"] = evaluate.perplexity(artifact_model, eval_ids, eval_window, stride, device)
-            self._event("metric", f"perplexity after: {after['perplexity']:.4g}", perplexity_after=after["perplexity"])
-        ctx.check_cancelled()
+        out_dir, metrics = compress(store.path("models", model_row.id), spec, staging,
+                                    device=self.settings.device, hooks=_TaskHooks(self, store, dataset_files))
 
         tar_path = staging / "artifact.tar"
         with tarfile.open(tar_path, "w") as tar:
             for path in sorted(out_dir.iterdir()):
                 tar.add(path, arcname=path.name, recursive=False)
         digest = sha256_file(tar_path)
-        after["artifact_bytes"] = tar_path.stat().st_size
+        metrics["after"]["artifact_bytes"] = tar_path.stat().st_size
+
         def read_attempt() -> int:
             with session_scope() as session:
                 return session.get(Job, self.job_id).attempts
@@ -358,33 +286,12 @@ class JobRunner:
         key = f"{self.job_id}-attempt{attempt}.tar"
         os.replace(tar_path, store.path("artifacts", key))
 
-        metrics = {
-            "before": before,
-            "after": after,
-            "stages": stage_metrics,
-            "evaluation": ({"dataset_id": evaluation.dataset_id, "tokens": int(eval_ids.numel()),
-                            "seq_len": eval_window, "stride": stride} if evaluation else None),
-            "export": export_info,
-            "device": str(device),
-            "wall_time_s": round(time.monotonic() - started, 3),
-        }
-        artifact = {"artifact_key": key, "artifact_size_bytes": after["artifact_bytes"],
-                    "artifact_sha256": digest, "artifact_format": fmt}
+        metrics["wall_time_s"] = round(time.monotonic() - started, 3)  # publishing included
+        artifact = {"artifact_key": key, "artifact_size_bytes": metrics["after"]["artifact_bytes"],
+                    "artifact_sha256": digest, "artifact_format": metrics["export"]["format"]}
         return metrics, artifact
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _device(self, torch):
-        wanted = self.settings.device
-        if wanted == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(wanted)
-
-    @staticmethod
-    def _tokenizer(folder: Path):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
     @staticmethod
     def _dataset_path(store, dataset: Dataset) -> Path:
@@ -396,17 +303,6 @@ class JobRunner:
         if dataset is None:
             raise LookupError(f"dataset {dataset_id!r} was deleted before the job ran")
         return self._dataset_path(store, dataset)
-
-    def _enter(self, phases: Phases, position: int, stage_index: int | None = None) -> None:
-        phases.current = position
-        name = phases.names[position]
-        self._write_progress(name, stage_index, phases.fraction(0.0))
-        self._event("stage", f"{name} started", stage=name, stage_index=stage_index)
-
-    def _progress(self, phases: Phases, within: float) -> None:
-        now = time.monotonic()
-        if now - self._last_progress_write >= self.settings.progress_interval_s:
-            self._write_progress(None, None, phases.fraction(within), keep_stage=True)
 
     def _write_progress(self, name, stage_index, progress, keep_stage: bool = False) -> None:
         self._last_progress_write = time.monotonic()
@@ -448,3 +344,33 @@ class JobRunner:
 
             best_effort(read)
         return self._cancel_seen
+
+class _TaskHooks:
+    """The engine's ``JobHooks`` (worker/engine/compress.py) for a job the task runs: progress,
+    events and cancel checks go through the database, dataset and model ids become folders of
+    the store."""
+
+    def __init__(self, runner: JobRunner, store, dataset_files: dict[str, Path]):
+        self.runner, self.store, self.dataset_files = runner, store, dataset_files
+
+    def phase_started(self, name: str, stage_index: int | None, progress: float) -> None:
+        self.runner._write_progress(name, stage_index, progress)
+        self.runner._event("stage", f"{name} started", stage=name, stage_index=stage_index)
+
+    def progress(self, fraction: float) -> None:
+        if time.monotonic() - self.runner._last_progress_write >= self.runner.settings.progress_interval_s:
+            self.runner._write_progress(None, None, fraction, keep_stage=True)
+
+    def event(self, type: str, message: str, **data) -> None:
+        self.runner._event(type, message, **data)
+
+    def should_cancel(self) -> bool:
+        return self.runner._should_cancel()
+
+    def dataset_file(self, dataset_id: str) -> Path:
+        if dataset_id in self.dataset_files:
+            return self.dataset_files[dataset_id]
+        return self.runner._dataset_file(self.store, dataset_id)
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.store.path("models", model_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from app.specs import (REFERENCE_KEY, STAGE_TAGS, JobSpec, PruneMagnitude, QuantizeRTN, parse_stages,
+from app.specs import (REFERENCE_KEY, STAGE_TAGS, JobSpec, PruneMagnitude, QuantizeRTN,
                        reference_fields, references, stage_name)
 
 
@@ -22,7 +22,7 @@ def test_stages_parse_into_their_config_models():
     assert isinstance(spec.stages[1], QuantizeRTN) and spec.stages[1].group_size == 128
     assert [stage_name(s) for s in spec.stages] == ["prune.magnitude", "quantize.rtn"]
     # What the worker reads back from the database is the same.
-    assert parse_stages(spec.model_dump(mode="json")["stages"]) == spec.stages
+    assert JobSpec.model_validate(spec.model_dump(mode="json")).stages == spec.stages
 
 
 @pytest.mark.parametrize("stage, loc, error_type", [

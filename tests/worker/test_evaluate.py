@@ -5,7 +5,8 @@ import torch
 
 from app.specs import PruneMagnitude, QuantizeRTN
 from worker.engine.export import write_checkpoint
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 from worker.evaluate import checkpoint_stats, latency_ms_per_token, perplexity, weight_stats
 
 CPU = torch.device("cpu")

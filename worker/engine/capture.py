@@ -21,15 +21,13 @@ and the compressed block runs again to produce the next block's inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from worker.engine.modules import WeightLayer, compressible_layers, decoder_blocks
-
-if TYPE_CHECKING:  # the pipeline imports the methods, which import this module
-    from worker.engine.pipeline import EngineContext
+from worker.engine.registry import EngineContext
 
 
 class InputStatistic(Protocol):
@@ -54,7 +52,7 @@ class BlockInputs:
         """The block's output hidden states, batch after batch."""
         for hidden_states, (args, kwargs) in zip(self.hidden_states, self.calls):
             output = block(hidden_states, *args, **kwargs)
-            # Blocks return a tensor in transformers 5, a tuple (hidden states first) before.
+            # Blocks return a tensor; older transformers returned a tuple, hidden states first.
             yield output[0] if isinstance(output, tuple) else output
 
     def advance(self, block: nn.Module) -> None:

@@ -94,3 +94,18 @@ def compressible_layers(model: nn.Module) -> list[WeightLayer]:
         for name, module in blocks.named_modules()
         if isinstance(module, WEIGHT_MODULE_TYPES)
     ]
+
+
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (lm_head = embedding) once, under the first name: what
+    a checkpoint stores, since safetensors refuses shared storage and ``tie_word_embeddings``
+    restores the tie."""
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for key, value in model.state_dict().items():
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if identity in seen:
+            continue
+        seen.add(identity)
+        tensors[key] = value
+    return tensors

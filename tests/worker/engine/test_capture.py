@@ -6,7 +6,7 @@ from worker.engine.calibration import calibration_batches, token_stream
 from worker.engine.capture import compress_block_by_block, first_block_inputs
 from worker.engine.hessian import InputHessian
 from worker.engine.modules import compressible_layers, decoder_blocks
-from worker.engine.pipeline import EngineContext, JobCancelled
+from worker.engine.registry import EngineContext, JobCancelled
 from worker.evaluate import perplexity
 
 CPU = torch.device("cpu")

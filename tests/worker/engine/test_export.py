@@ -5,10 +5,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from app.specs import PruneMagnitude, QuantizeRTN
-from worker.engine.export import resolve_format, load_model, write_checkpoint
+from app.specs import PruneMagnitude, QuantizeDynamicInt8, QuantizeRTN
+from worker.engine.loading import load_model
+from worker.engine.export import resolve_format, write_checkpoint
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 
 CPU = torch.device("cpu")
 IDS = torch.arange(3, 40).unsqueeze(0) * 7 % 300
@@ -111,10 +113,55 @@ def test_dense_artifact_keeps_the_zeros_and_the_tokenizer(tiny_models, tokenizer
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
 
 
-def test_auto_format_writes_dense_for_a_pruned_only_job(tiny_models):
-    # Pruned-only artifacts stay dense: current transformers cannot read sparse-bitmask (the
-    # job spec refuses compressed-tensors without a quantization stage, see app/specs.py).
-    model = tiny_models["gpt2"]()
+@pytest.mark.parametrize(
+    "stages, requested, expected",
+    [
+        ([QuantizeRTN(bits=4)], "auto", "compressed-tensors"),
+        ([QuantizeDynamicInt8()], "auto", "compressed-tensors"),
+        ([PruneMagnitude(sparsity=0.5), QuantizeRTN(bits=8)], "auto", "compressed-tensors"),
+        # Pruned-only artifacts stay dense: no sparse compressed-tensors layout loads (the job
+        # spec refuses compressed-tensors without a quantization stage, see app/specs.py).
+        ([PruneMagnitude(sparsity=0.5)], "auto", "dense"),
+        ([QuantizeRTN(bits=8)], "dense", "dense"),
+    ],
+)
+def test_auto_format(stages, requested, expected, tiny_models):
     ctx = EngineContext()
-    run_pipeline(model, [PruneMagnitude(sparsity=0.5)], ctx)
-    assert resolve_format("auto", ctx) == "dense"
+    run_pipeline(tiny_models["gpt2"](), stages, ctx)
+    assert resolve_format(requested, ctx) == expected
+
+
+@pytest.mark.parametrize("stages", [[], [PruneMagnitude(sparsity=0.5)]], ids=["nothing", "pruned-only"])
+def test_compressed_tensors_needs_a_quantization_stage(stages, tiny_models, tmp_path):
+    ctx = EngineContext()
+    run_pipeline(tiny_models["gpt2"](), stages, ctx)
+    with pytest.raises(ValueError, match="needs a quantization stage"):
+        write_checkpoint(ctx.model or tiny_models["gpt2"](), ctx, tmp_path, "compressed-tensors", tmp_path)
+
+
+def test_pruned_and_quantized_layers_are_stored_quantized_only(tiny_models, tmp_path):
+    model = tiny_models["llama"]()
+    ctx = EngineContext()
+    run_pipeline(model, [PruneMagnitude(pattern="2:4"), QuantizeRTN(bits=8)], ctx)
+
+    write_checkpoint(model, ctx, tmp_path, "compressed-tensors", source_dir=tmp_path)
+
+    quantization = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert quantization["format"] == "int-quantized" and not quantization.get("sparsity_config")
+    torch.testing.assert_close(logits(load_model(tmp_path, CPU)), logits(model), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["sparse-bitmask", "sparse-24-bitmask"])
+def test_sparse_layouts_fail_instead_of_loading_random_weights(layout, tiny_models, tmp_path):
+    # An upload (say, from an older llm-compressor) may declare one; from_pretrained would
+    # leave those layers randomly initialised.
+    model = tiny_models["llama"]()
+    ctx = EngineContext()
+    run_pipeline(model, [QuantizeRTN(bits=8)], ctx)
+    write_checkpoint(model, ctx, tmp_path, "compressed-tensors", source_dir=tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["sparsity_config"] = {"format": layout, "targets": ["Linear"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match=layout):
+        load_model(tmp_path, CPU)

@@ -7,9 +7,11 @@ from app.specs import PruneSparseGPT, QuantizeGPTQ
 from tests import factories
 from tests.worker.engine.test_capture import calibration, corpus_perplexity
 from tests.worker.engine.test_sparsegpt import correlated_inputs, hessian_of, output_error
-from worker.engine.export import load_model, write_checkpoint
+from worker.engine.loading import load_model
+from worker.engine.export import write_checkpoint
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 from worker.engine.quantize.gptq import gptq_quantize
 from worker.engine.quantize.rtn import dequantize, quantize_rtn
 

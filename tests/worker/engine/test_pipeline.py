@@ -1,26 +1,18 @@
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from pydantic import BaseModel
 
-from app.specs import PruneMagnitude, PruneRandom, QuantizeRTN, parse_stages
+from app.specs import PruneMagnitude, PruneRandom, QuantizeRTN
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import _HANDLERS, EngineContext, JobCancelled, run_pipeline
-
-ROOT = Path(__file__).resolve().parents[3]
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext, JobCancelled
 
 
 def test_runs_stages_in_order_and_reports_each(tiny_models):
     model = tiny_models["opt"]()
     progress, started = [], []
     ctx = EngineContext(on_progress=progress.append)
-    stages = parse_stages([
-        {"type": "prune", "method": "magnitude", "sparsity": 0.5},
-        {"type": "quantize", "method": "rtn", "bits": 8},
-    ])
+    stages = [PruneMagnitude(sparsity=0.5), QuantizeRTN(bits=8)]
 
     metrics = run_pipeline(model, stages, ctx, on_stage_start=lambda *args: started.append(args))
 
@@ -69,22 +61,3 @@ def test_an_unregistered_config_fails_before_any_work(tiny_models):
     with pytest.raises(TypeError, match="PruneSomehow"):
         run_pipeline(model, [QuantizeRTN(bits=8), PruneSomehow()], EngineContext())
     assert all((layer.weight() != 0).all() for layer in compressible_layers(model))
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["worker.engine.prune.masking", "worker.engine.prune.random", "worker.engine.prune.magnitude",
-     "worker.engine.prune.wanda", "worker.engine.prune.sparsegpt", "worker.engine.prune.structured",
-     "worker.engine.quantize.rtn", "worker.engine.quantize.gptq", "worker.engine.quantize.dynamic",
-     "worker.engine.distill.train", "worker.engine.capture", "worker.engine.export"],
-)
-def test_any_engine_module_can_be_imported_first(module):
-    """The pipeline imports the methods and the methods import the pipeline: a fresh
-    interpreter must get every handler registered whichever module it imports first."""
-    code = (
-        f"import {module}; from worker.engine.pipeline import _HANDLERS; "
-        "print(sorted(c.__name__ for c in _HANDLERS))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(sorted(c.__name__ for c in _HANDLERS))

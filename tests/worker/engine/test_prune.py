@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from app.specs import PruneMagnitude, PruneRandom, parse_stages
+from app.specs import PruneMagnitude, PruneRandom
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 from worker.engine.prune.magnitude import magnitude_mask, magnitude_masks
 from worker.engine.prune.nm import nm_mask
 from worker.engine.prune.random import random_mask, random_nm_mask
@@ -120,7 +121,7 @@ def test_nm_mask_keeps_the_highest_n_of_every_m():
 def test_an_nm_pattern_holds_in_every_group_of_every_layer(arch, method, tiny_models):
     model = tiny_models[arch]()
     originals = {layer.name: layer.weight().clone() for layer in compressible_layers(model)}
-    stage = parse_stages([{"type": "prune", "method": method, "pattern": "2:4"}])[0]
+    stage = {"random": PruneRandom, "magnitude": PruneMagnitude}[method](pattern="2:4")
     [metrics] = run_pipeline(model, [stage], EngineContext())
 
     assert metrics["sparsity"] == 0.5

@@ -5,7 +5,8 @@ import torch
 
 from app.specs import PruneMagnitude, QuantizeRTN
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 from worker.engine.quantize.rtn import dequantize, quantize_rtn
 
 

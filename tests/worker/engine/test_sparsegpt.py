@@ -8,7 +8,8 @@ from tests import factories
 from tests.worker.engine.test_capture import calibration, corpus_perplexity
 from worker.engine.hessian import InputHessian
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext
 from worker.engine.prune.magnitude import magnitude_mask, magnitude_nm_mask
 from worker.engine.prune.sparsegpt import sparsegpt_prune
 

@@ -7,7 +7,8 @@ from app.specs import PruneWanda
 from tests import factories
 from tests.worker.engine.test_capture import calibration, corpus_perplexity
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, JobCancelled, run_pipeline
+from worker.engine.pipeline import run_pipeline
+from worker.engine.registry import EngineContext, JobCancelled
 from worker.engine.prune.wanda import InputNormSquared, wanda_mask, wanda_scores
 
 WEIGHT = torch.tensor([[1.0, 2.0, 3.0, 4.0, -1.0, 0.5, -2.0, 0.1],

@@ -33,8 +33,9 @@ from app.specs import DistillKD
 from worker.engine.calibration import read_texts, token_stream
 from worker.engine.distill.loss import LayerMap, copied_layer_map, distillation_loss, uniform_layer_map
 from worker.engine.distill.student import kept_layer_indices, keep_decoder_blocks, renumber_masks
+from worker.engine.loading import load_model
 from worker.engine.modules import compressible_layers, decoder_blocks
-from worker.engine.pipeline import EngineContext, register
+from worker.engine.registry import EngineContext, register
 from worker.evaluate import perplexity
 
 EVAL_FRACTION = 0.1
@@ -287,14 +288,6 @@ def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 # Teacher and student
 
 
-def _load_model(folder: Path, device: torch.device) -> nn.Module:
-    # Imported here: the export module imports the quantizers, which import the pipeline, which
-    # imports this module; at import time the export module may be half-initialised.
-    from worker.engine.export import load_model
-
-    return load_model(folder, device)
-
-
 def _load_teacher(config: DistillKD, ctx: EngineContext) -> nn.Module:
     if config.teacher_model_id is not None:
         folder = _resolve_model(config.teacher_model_id, ctx)
@@ -303,7 +296,7 @@ def _load_teacher(config: DistillKD, ctx: EngineContext) -> nn.Module:
         folder = ctx.source_model_dir
     else:
         raise ValueError("distillation needs a teacher: the job's input model or teacher_model_id")
-    return _load_model(folder, ctx.device).requires_grad_(False)
+    return load_model(folder, ctx.device).requires_grad_(False)
 
 
 def _make_student(
@@ -315,7 +308,7 @@ def _make_student(
             raise ValueError(
                 "an uploaded student replaces the pruned model: put the prune stages after distillation"
             )
-        student = _load_model(_resolve_model(config.student_model_id, ctx), ctx.device)
+        student = load_model(_resolve_model(config.student_model_id, ctx), ctx.device)
         student_layers = len(decoder_blocks(student)[1])
         return student, {}, uniform_layer_map(student_layers, teacher_layers)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from worker.engine.capture import run_calibration
 from worker.engine.modules import decoder_blocks
-from worker.engine.pipeline import EngineContext
+from worker.engine.registry import EngineContext
 
 # ---------------------------------------------------------------------------------------------
 # The arithmetic: tensors in, tensors out.

@@ -16,7 +16,7 @@ from torch import nn
 
 from app.specs import PruneMagnitude
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, register
+from worker.engine.registry import EngineContext, register
 from worker.engine.prune.masking import apply_keep_mask, pruning_metrics
 from worker.engine.prune.nm import nm_mask
 

@@ -7,14 +7,12 @@ left in ``ctx.masks`` so that later stages (quantization) keep the zeros.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from worker.engine.modules import WeightLayer
-
-if TYPE_CHECKING:  # at run time the pipeline imports this module (through the methods)
-    from worker.engine.pipeline import EngineContext
+from worker.engine.registry import EngineContext
 
 
 def apply_keep_mask(layer: WeightLayer, keep: torch.Tensor, ctx: EngineContext) -> None:

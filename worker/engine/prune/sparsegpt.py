@@ -25,13 +25,10 @@ from app.specs import PruneSparseGPT
 from worker.engine.capture import compress_block_by_block
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
-from worker.engine.pipeline import EngineContext, register
 from worker.engine.prune.masking import apply_keep_mask, pruning_metrics
 from worker.engine.prune.nm import nm_mask
-
-# The module, not its names: wanda imports the pipeline, which imports this module, so when
-# wanda is imported first its names do not exist yet while this file runs.
-from worker.engine.prune import wanda
+from worker.engine.prune.wanda import drop_lowest
+from worker.engine.registry import EngineContext, register
 
 
 def sparsegpt_prune(
@@ -78,7 +75,7 @@ def sparsegpt_prune(
             count = round(sparsity * rows * end) - pruned_so_far
             if forced is not None:
                 count = max(count, int(forced[:, start:end].sum()))
-            segment_keep = wanda.drop_lowest(scores.reshape(1, -1), min(count, scores.numel()))
+            segment_keep = drop_lowest(scores.reshape(1, -1), min(count, scores.numel()))
             segment_keep = segment_keep.view(scores.shape)
         pruned[:, start:end] = ~segment_keep
         pruned_so_far += int((~segment_keep).sum())

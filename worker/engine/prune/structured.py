@@ -37,7 +37,7 @@ from app.specs import PruneStructured
 from worker.engine.capture import run_calibration
 from worker.engine.distill.student import keep_decoder_blocks, renumber_masks
 from worker.engine.modules import WeightLayer, decoder_blocks
-from worker.engine.pipeline import EngineContext, register
+from worker.engine.registry import EngineContext, register
 from worker.engine.prune.depth import block_influence, blocks_to_keep, blocks_to_remove
 from worker.engine.prune.structured_layout import (Layout, allowed_head_groups, config_accepts,
                                                    heads_per_group, key_value_groups, keep_units,

@@ -10,7 +10,7 @@ head count)::
     keep_units(block, "model.layers.0", layout, kept_neurons, kept_head_groups, 2, ctx.masks)
     resize_config(model.config, layout, neurons=96, head_groups=1)
 
-What transformers 5.24 can express:
+What the pinned transformers (pyproject.toml) can express:
 
 - MLP neurons: every architecture here (GPT-2 ``n_inner``, Llama ``intermediate_size``,
   OPT ``ffn_dim``).
@@ -23,7 +23,7 @@ What transformers 5.24 can express:
   as ``MistralForCausalLM``: the same modules, names, weights and computation (no sliding
   window), under a config that accepts any head count (``to_carrier``). Mistral models are
   pruned the same way.
-- GPT-2 and OPT derive the head size as ``hidden_size // num_heads`` and transformers 5
+- GPT-2 and OPT derive the head size as ``hidden_size // num_heads`` and transformers
   dropped ``prune_heads`` / ``config.pruned_heads``: fewer heads cannot be described, so their
   heads stay (the stage says so in its metrics).
 """

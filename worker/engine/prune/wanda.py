@@ -21,7 +21,7 @@ from torch import nn
 from app.specs import PruneWanda
 from worker.engine.capture import compress_block_by_block
 from worker.engine.modules import WeightLayer
-from worker.engine.pipeline import EngineContext, register
+from worker.engine.registry import EngineContext, register
 from worker.engine.prune.masking import apply_keep_mask, pruning_metrics
 from worker.engine.prune.nm import nm_mask
 

@@ -32,10 +32,8 @@ from torch import nn
 
 from app.specs import QuantizeDynamicInt8, QuantizeRTN
 from worker.engine.modules import WeightLayer, compressible_layers
-from worker.engine.pipeline import EngineContext, register
-# The module, not its names: when rtn is imported first, the pipeline imports this file while
-# rtn is still half-defined (the pattern gptq.py follows too).
-from worker.engine.quantize import rtn
+from worker.engine.quantize.rtn import QuantizedWeight, quantize_rtn, quantize_rtn_stage
+from worker.engine.registry import EngineContext, register
 
 INPUT_BITS = 8
 
@@ -115,7 +113,7 @@ def quantize_dynamic_int8(
 ) -> dict[str, Any]:
     # The weights are exactly RTN int8 per channel (masks kept, progress reported per layer):
     # the RTN stage does it, this one adds the activations.
-    weights = rtn.quantize_rtn_stage(model, QuantizeRTN(bits=8, group_size=None, symmetric=True), ctx)
+    weights = quantize_rtn_stage(model, QuantizeRTN(bits=8, group_size=None, symmetric=True), ctx)
     for layer in compressible_layers(model):
         quantize_inputs(layer.module)
     return {
@@ -141,7 +139,7 @@ class Int8DynamicLinear(nn.Module):
     deprecates; this module keeps the artifact's per-token scheme with a non-deprecated op.
     """
 
-    def __init__(self, quantized: rtn.QuantizedWeight, bias: torch.Tensor | None):
+    def __init__(self, quantized: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
         if quantized.bits != 8 or quantized.group_size is not None or quantized.zero_point is not None:
             raise ValueError("int8 serving needs symmetric int8 weights with one scale per output channel")
@@ -153,7 +151,7 @@ class Int8DynamicLinear(nn.Module):
     @classmethod
     def from_layer(cls, layer: WeightLayer) -> Int8DynamicLinear:
         # Weights already on the int8 grid (a loaded artifact) re-quantize to the same integers.
-        return cls(rtn.quantize_rtn(layer.weight(), bits=8), getattr(layer.module, "bias", None))
+        return cls(quantize_rtn(layer.weight(), bits=8), getattr(layer.module, "bias", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_per_token(x.reshape(-1, self.in_features).float())

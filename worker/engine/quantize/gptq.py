@@ -28,11 +28,8 @@ from app.specs import QuantizeGPTQ
 from worker.engine.capture import compress_block_by_block
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
-from worker.engine.pipeline import EngineContext, register
-
-# The module, not its names: rtn imports the pipeline, which imports this module, so when rtn
-# is imported first its names do not exist yet while this file runs.
-from worker.engine.quantize import rtn
+from worker.engine.quantize.rtn import QuantizedWeight, dequantize, quantize_rtn
+from worker.engine.registry import EngineContext, register
 
 
 def gptq_quantize(
@@ -45,7 +42,7 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     keep: torch.Tensor | None = None,
-) -> rtn.QuantizedWeight:
+) -> QuantizedWeight:
     """Quantize the ``[out, in]`` weight given the ``[in, in]`` Hessian of its inputs::
 
         quantized = gptq_quantize(w, hessian.hessian(), bits=4, group_size=128)
@@ -74,14 +71,14 @@ def gptq_quantize(
         if act_order:
             # One segment, the whole row, before any update: every group's grid, in the
             # original column order.
-            grid = rtn.quantize_rtn(current[:, torch.argsort(order)], bits, group_size, symmetric)
+            grid = quantize_rtn(current[:, torch.argsort(order)], bits, group_size, symmetric)
             scale[:] = grid.scale
             if grid.zero_point is not None:
                 zero_point[:] = grid.zero_point
         else:
             if keep is not None:  # pruned weights will be 0: they must not widen the grid
                 current = current * keep[:, start:start + current.shape[1]]
-            grid = rtn.quantize_rtn(current, bits, None, symmetric)
+            grid = quantize_rtn(current, bits, None, symmetric)
             scale[:, start // size] = grid.scale[:, 0]
             if grid.zero_point is not None:
                 zero_point[:, start // size] = grid.zero_point[:, 0]
@@ -102,7 +99,7 @@ def gptq_quantize(
         weight, hessian = weight[:, order], hessian[order][:, order]
     sweep_columns(weight, hessian, dampening, block_size,
                   segment_size=columns if act_order else size, start_segment=start_segment)
-    return rtn.QuantizedWeight(
+    return QuantizedWeight(
         q=q, scale=scale, zero_point=None if symmetric else zero_point.to(torch.int8),
         bits=bits, group_size=group_size,
     )
@@ -119,7 +116,7 @@ def quantize_gptq(model: nn.Module, config: QuantizeGPTQ, ctx: EngineContext) ->
             weight, hessian.hessian(), config.bits, config.group_size, config.symmetric,
             config.dampening, config.act_order, config.block_size, keep=ctx.masks.get(layer.name),
         )
-        dequantized = rtn.dequantize(quantized)
+        dequantized = dequantize(quantized)
         max_abs_error = max(max_abs_error, float((weight.float() - dequantized).abs().max()))
         layer.set_weight(dequantized)
         ctx.quantized[layer.name] = quantized

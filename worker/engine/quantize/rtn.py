@@ -21,7 +21,7 @@ from torch import nn
 
 from app.specs import QuantizeRTN
 from worker.engine.modules import compressible_layers
-from worker.engine.pipeline import EngineContext, register
+from worker.engine.registry import EngineContext, register
 
 
 @dataclass

@@ -1,0 +1,129 @@
+"""Stage handlers by config class: the table, how a method joins it, and what handlers share.
+
+This module imports no method. Each method module registers its own handler::
+
+    @register(PruneMagnitude)
+    def prune_magnitude(model, config, ctx) -> dict: ...
+
+and is found by discovery: the first lookup imports every module of every family package
+(``prune/``, ``quantize/``, ``distill/``, ...) under each of ``METHOD_PACKAGES``, so that their
+``@register`` lines run (llm-compressor's ``ModifierFactory`` walks its package the same way).
+Adding a method is its config class in ``app/specs.py`` and one file in a family package.
+
+A handler is ``handler(model, config, ctx) -> dict`` and returns its stage's metrics. State
+that later stages or the export need travels in the context: the keep-masks written by pruning
+(so quantization keeps the zeros) and the quantized weights (so the export can pack them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+if TYPE_CHECKING:
+    from worker.engine.quantize.rtn import QuantizedWeight
+
+
+class JobCancelled(Exception):
+    """Raised between layers when ``should_cancel()`` says the job was cancelled."""
+
+
+def _ignore_progress(fraction: float) -> None:
+    pass
+
+
+def _never_cancel() -> bool:
+    return False
+
+
+@dataclass
+class EngineContext:
+    """What the stages share: where to compute, the calibration text, the hooks back to the
+    task, and what earlier stages left behind."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    calibration: list[torch.Tensor] | None = None  # token ids, each [1, seq_len]
+    on_progress: Callable[[float], None] = _ignore_progress  # fraction of the current stage
+    should_cancel: Callable[[], bool] = _never_cancel
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name -> keep-mask
+    quantized: dict[str, "QuantizedWeight"] = field(default_factory=dict)  # layer name -> q
+    # The model the stages work on. A stage that builds a new one (a distilled student, a
+    # structurally pruned copy) assigns it here; the next stage and the export take it.
+    model: nn.Module | None = None
+    # What distillation needs beyond the model: text and other uploaded models.
+    tokenizer: Any = None
+    resolve_dataset: Callable[[str], Path] | None = None  # dataset id -> its text file
+    resolve_model: Callable[[str], Path] | None = None  # model id -> its checkpoint folder
+    source_model_dir: Path | None = None  # the job's input model (the default teacher)
+
+    def check_cancelled(self) -> None:
+        if self.should_cancel():
+            raise JobCancelled()
+
+    def step(self, done: int, total: int) -> None:
+        """Call before each of ``total`` units of work (usually layers): reports ``done/total``
+        of the stage and stops the job there if it was cancelled."""
+        self.on_progress(done / total if total else 1.0)
+        self.check_cancelled()
+
+
+Handler = Callable[[nn.Module, Any, EngineContext], dict[str, Any]]
+_HANDLERS: dict[type, Handler] = {}
+
+# Packages whose family subpackages hold the methods. A test adds its own toy package here.
+METHOD_PACKAGES: list[str] = ["worker.engine"]
+_DISCOVERED: set[str] = set()
+
+
+def register(config_type: type[BaseModel]) -> Callable[[Handler], Handler]:
+    """Make ``handler`` the one that runs stages configured by ``config_type``::
+
+        @register(PruneMagnitude)
+        def prune_magnitude(model, config, ctx) -> dict: ...
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        if config_type in _HANDLERS:
+            raise ValueError(f"{config_type.__name__} already has a handler")
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorate
+
+
+def discover() -> None:
+    """Import every module of the family packages (the subpackages of each of
+    ``METHOD_PACKAGES``) not imported yet, so that their ``@register`` decorators have run."""
+    for root_name in METHOD_PACKAGES:
+        if root_name in _DISCOVERED:
+            continue
+        root = importlib.import_module(root_name)
+        for family in pkgutil.iter_modules(root.__path__, prefix=f"{root_name}."):
+            if not family.ispkg:
+                continue  # the engine's own modules (pipeline, export...): no methods there
+            package = importlib.import_module(family.name)
+            for module in pkgutil.walk_packages(package.__path__, prefix=f"{family.name}."):
+                importlib.import_module(module.name)
+        _DISCOVERED.add(root_name)
+
+
+def handlers() -> dict[type, Handler]:
+    """Every registered handler by its config class (discovered first)."""
+    discover()
+    return dict(_HANDLERS)
+
+
+def handler_for(config: BaseModel) -> Handler:
+    known = handlers()
+    try:
+        return known[type(config)]
+    except KeyError:
+        names = ", ".join(sorted(c.__name__ for c in known))
+        raise TypeError(f"no engine handler for {type(config).__name__} (known: {names})") from None
