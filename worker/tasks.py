@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import tarfile
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -25,12 +24,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from app.background import PeriodicThread
 from app.config import get_settings
 from app.db import repositories
 from app.db.models import Dataset, Job, JobStatus, Model, utcnow
 from app.db.session import session_scope
 from app.observability import job_id_var
 from app.services import events
+from app.services.leases import make_worker_id
 from app.specs import JobSpec
 from app.storage import get_store, sha256_file
 from worker.celery_app import RUN_JOB, app
@@ -38,11 +39,14 @@ from worker.celery_app import RUN_JOB, app
 log = logging.getLogger("squeeze.worker")
 
 
-@app.task(name=RUN_JOB)
-def run_job(job_id: str) -> None:
+@app.task(name=RUN_JOB, bind=True)
+def run_job(task, job_id: str) -> None:
     job_id_var.set(job_id)  # every log line of this job carries its id
     settings = get_settings()
-    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # The Celery node name leads the id: the reconciler asks that node whether it still runs
+    # the job before it hands the job to another worker (app/services/leases.py).
+    node = task.request.hostname or socket.gethostname()
+    worker_id = make_worker_id(node, os.getpid(), uuid.uuid4().hex[:8])
 
     def claim() -> bool:
         with session_scope() as session:
@@ -58,10 +62,15 @@ def run_job(job_id: str) -> None:
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
     heartbeat = Heartbeat(job_id, worker_id, settings.job_lease_s)
+    runner = JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat)
     heartbeat.start()
     try:
         with memory_budget(settings.job_memory_limit_bytes):
-            JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat).run()
+            runner.run()
+    except SoftTimeLimitExceeded:
+        # The limit strikes wherever the job is: run() records it for the work itself, this
+        # for the statements around it (cleanup, lifting the memory budget).
+        runner.fail_time_limit()
     finally:
         heartbeat.stop()
 
@@ -139,33 +148,24 @@ def describe_failure(exc: BaseException, settings) -> tuple[str, str]:
     return type(exc).__name__, text
 
 
-class Heartbeat:
+class Heartbeat(PeriodicThread):
     """Renews the job's lease a few times per lease period, from a thread, so that a long
     layer or training step never looks like a dead worker. ``lost`` turns true when the lease
-    was taken over (this worker was presumed dead): the job must then stop without writing."""
+    was taken over (this worker was presumed dead): the job must then stop without writing.
+    A failed renewal (the database restarting) is logged and tried again next round."""
 
     def __init__(self, job_id: str, worker_id: str, lease_s: float):
-        self.job_id, self.worker_id, self.lease_s = job_id, worker_id, lease_s
+        self.job_id, self.worker_id = job_id, worker_id
         self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        super().__init__("heartbeat", lease_s / 4, self._renew)
+        self.lease_s = lease_s
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease_s / 4):
-            try:
-                with session_scope() as session:
-                    if not repositories.renew_lease(session, self.job_id, self.worker_id, utcnow(), self.lease_s):
-                        self.lost = True
-                        return
-            except Exception:  # the database may be restarting; the lease has slack
-                log.warning("heartbeat for job %s failed; will retry", self.job_id, exc_info=True)
+    def _renew(self) -> None:
+        if self.lost:
+            return
+        with session_scope() as session:
+            if not repositories.renew_lease(session, self.job_id, self.worker_id, utcnow(), self.lease_s):
+                self.lost = True
 
 
 @dataclass
@@ -182,7 +182,7 @@ class JobRunner:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
-        from worker.engine.pipeline import JobCancelled
+        from worker.engine.registry import JobCancelled
 
         store = get_store()
         staging = store.staging_dir(owner=self.job_id)
@@ -199,8 +199,7 @@ class JobRunner:
                 return
             self._finish(JobStatus.CANCELLED)
         except SoftTimeLimitExceeded:
-            self._finish(JobStatus.FAILED, error=("time_limit_exceeded",
-                         f"the job ran longer than {self.settings.job_soft_time_limit_s} s"))
+            self.fail_time_limit()
         except Exception as exc:  # every failure ends as a failed job with its reason
             log.exception("job %s failed", self.job_id)
             failure = describe_failure(exc, self.settings)
@@ -211,6 +210,11 @@ class JobRunner:
             # hold) are gone by now, which matters when the failure was running out of memory.
             gc.collect()
             self._finish(JobStatus.FAILED, error=failure)
+
+    def fail_time_limit(self) -> None:
+        # Conditional like every finish: a second call, or one after the job ended, is a no-op.
+        self._finish(JobStatus.FAILED, error=("time_limit_exceeded",
+                     f"the job ran longer than {self.settings.job_soft_time_limit_s} s"))
 
     def _remove_other_artifacts(self, store, keep: str) -> None:
         # Attempts write under their own name; once one has won, the others' files go.
@@ -344,6 +348,7 @@ class JobRunner:
 
             best_effort(read)
         return self._cancel_seen
+
 
 class _TaskHooks:
     """The engine's ``JobHooks`` (worker/engine/compress.py) for a job the task runs: progress,

@@ -20,7 +20,6 @@ from torch import nn
 
 from app.specs import stage_name
 from worker.engine.registry import EngineContext, handler_for
-from worker.engine.registry import JobCancelled  # noqa: F401  (worker/tasks.py's run() imports it from here)
 
 
 def run_pipeline(
