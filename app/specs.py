@@ -436,6 +436,19 @@ class OutputSpec(RequestModel):
     weights (the artifact is really smaller), dense safetensors otherwise."""
 
     format: Literal["auto", "dense", "compressed-tensors"] = "auto"
+    max_shard_size: str = Field(
+        "5GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="largest weights file of the artifact (e.g. \"5GB\", \"500MiB\"); a larger model "
+                    "is written as several shards with a model.safetensors.index.json")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(\w+)", self.max_shard_size).groups()
+        return int(float(number) * _BYTE_UNITS[unit])
+
+
+_BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled",
