@@ -155,7 +155,8 @@ def compress(
     enter("export")
     fmt = resolve_format(spec.output.format, ctx)
     artifact_dir = work_dir / "model"
-    export_info = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, source_dir)
+    export_info = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, source_dir,
+                                   max_shard_bytes=spec.output.max_shard_bytes)
     del model
     ctx.model = None  # the artifact is what gets measured from here on
 
