@@ -54,9 +54,11 @@ def make_model(arch: str = "gpt2", seed: int = 0):
     raise ValueError(arch)
 
 
-def make_checkpoint(folder: Path, arch: str = "gpt2", with_tokenizer: bool = True, seed: int = 0) -> Path:
+def make_checkpoint(folder: Path, arch: str = "gpt2", with_tokenizer: bool = True, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """``make_model(arch, seed)`` saved in ``dtype`` (``torch.bfloat16``: a bf16 upload)."""
     folder.mkdir(parents=True, exist_ok=True)
-    make_model(arch, seed).save_pretrained(folder, safe_serialization=True)
+    make_model(arch, seed).to(dtype).save_pretrained(folder, safe_serialization=True)
     if with_tokenizer:
         tokenizer().save_pretrained(folder)
     return folder

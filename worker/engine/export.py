@@ -14,6 +14,15 @@ Two formats (``OutputSpec.format``):
 
 ``resolve_format`` picks one for ``"auto"``; ``loading.load_model`` reads either back. A GPT-2
 is written as its GPTBigCode twin (``gpt_bigcode.py``): compressed-tensors needs ``nn.Linear``.
+
+Every tensor not quantized (embeddings, norms, ``lm_head``, pruned dense weights) is written
+in the model's dtype, the checkpoint's own (``loading.checkpoint_dtype``), and so are the
+scales, as compressed-tensors creates them for that model: a bfloat16 upload gives a bfloat16
+artifact. Either format is cut into shards of at most ``max_shard_bytes`` (a tensor larger than
+that is a shard of its own) named as ``transformers`` names them, with a
+``model.safetensors.index.json`` when there are several::
+
+    write_checkpoint(model, ctx, Path("out"), "compressed-tensors", source, max_shard_bytes=5 * 10**9)
 """
 
 from __future__ import annotations
@@ -57,31 +66,79 @@ def resolve_format(requested: str, ctx: EngineContext) -> Format:
     return requested  # type: ignore[return-value]
 
 
+# What ``OutputSpec.max_shard_size`` defaults to.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def write_checkpoint(
-    model: PreTrainedModel, ctx: EngineContext, out_dir: Path, fmt: Format, source_dir: Path
+    model: PreTrainedModel,
+    ctx: EngineContext,
+    out_dir: Path,
+    fmt: Format,
+    source_dir: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> dict[str, Any]:
     """Write ``model`` (as the stages left it) to ``out_dir`` with the tokenizer files of
-    ``source_dir``. Returns ``{"format", "architecture", "weights_bytes"}``.
+    ``source_dir``, in weights files of at most ``max_shard_bytes``. Returns ``{"format",
+    "architecture", "weights_bytes", "shards"}``.
 
     ``"compressed-tensors"`` needs a quantization stage (``ctx.quantized``: integer layers).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "dense":
-        model.save_pretrained(out_dir)  # safetensors, the only format transformers writes
+        # safetensors, the only format transformers writes, in the parameters' dtype.
+        model.save_pretrained(out_dir, max_shard_size=max_shard_bytes)
         architecture = type(model).__name__
     elif fmt == "compressed-tensors":
-        architecture = _write_compressed(model, ctx.quantized, out_dir)
+        architecture = _write_compressed(model, ctx.quantized, out_dir, max_shard_bytes)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     for name in TOKENIZER_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copyfile(Path(source_dir) / name, out_dir / name)
-    weights_bytes = sum(path.stat().st_size for path in out_dir.glob("*.safetensors"))
-    return {"format": fmt, "architecture": architecture, "weights_bytes": weights_bytes}
+    weights = sorted(out_dir.glob("*.safetensors"))
+    return {"format": fmt, "architecture": architecture,
+            "weights_bytes": sum(path.stat().st_size for path in weights), "shards": len(weights)}
 
 
-def _write_compressed(model: PreTrainedModel, quantized: dict[str, QuantizedWeight], out_dir: Path) -> str:
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
+    """Write ``tensors`` as safetensors files of at most ``max_shard_bytes`` of tensor data
+    each, in order, a tensor larger than that alone in its file: ``model.safetensors`` if one
+    file is enough, else ``model-00001-of-0000N.safetensors``... and the index
+    ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``), the
+    layout ``from_pretrained`` reads. Only one shard's tensors are copied to the host (made
+    contiguous) at a time. Returns the files written."""
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
+    for names, file in zip(shards, files):
+        shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
+        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        del shard
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {name: file for names, file in zip(shards, files) for name in names},
+        }
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [out_dir / file for file in files]
+
+
+def _write_compressed(
+    model: PreTrainedModel, quantized: dict[str, QuantizedWeight], out_dir: Path, max_shard_bytes: int
+) -> str:
     if not quantized:
         raise ValueError("the compressed-tensors format needs a quantization stage")
     # The layers that quantize their inputs at run time (W8A8) are marked on the model.
@@ -93,8 +150,7 @@ def _write_compressed(model: PreTrainedModel, quantized: dict[str, QuantizedWeig
         config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
     config["dtype"] = str(model.dtype).removeprefix("torch.")  # of the tensors left in float
     config["quantization_config"] = _compress_quantized(tensors, quantized, input_bits, _linear_names(model))
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config["architectures"][0]
 
@@ -172,7 +228,8 @@ def _compressed_tensors(
     name: str, weight: QuantizedWeight, args: QuantizationArgs
 ) -> dict[str, torch.Tensor]:
     """The tensors compressed-tensors stores for one layer, named as its compressors name them."""
-    tensors = {f"{name}.weight_scale": weight.scale.float()}
+    # The scale in its own dtype, the model's (quantize_rtn): what compressed-tensors expects.
+    tensors = {f"{name}.weight_scale": weight.scale}
     zero_point = weight.zero_point
     if weight.bits == 8:
         tensors[f"{name}.weight"] = weight.q

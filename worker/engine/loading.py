@@ -2,6 +2,12 @@
 work on, the way a client's ``transformers`` would load it::
 
     model = load_model(Path("artifact"), torch.device("cpu"))
+    model.dtype          # the checkpoint's own: a bfloat16 upload loads as bfloat16
+
+The model keeps the dtype its checkpoint stores (``checkpoint_dtype``): a float32 copy of a
+bfloat16 model would take twice its memory and come back as an artifact twice its size. The
+methods do their precision-sensitive arithmetic in float32 one layer at a time, and write the
+result back in the layer's dtype (``modules.WeightLayer.set_weight``).
 """
 
 from __future__ import annotations
@@ -24,11 +30,16 @@ from compressed_tensors.utils import match_named_modules  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, PreTrainedModel  # noqa: E402
 
+from app.safetensors_header import TORCH_DTYPE_NAMES, read_header  # noqa: E402
 from worker.engine.quantize.dynamic import quantize_inputs  # noqa: E402
 
+# The floating-point dtypes a model is kept in; any other (float64, float8) loads as float32.
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-def load_model(folder: Path, device: torch.device) -> PreTrainedModel:
-    """Load a checkpoint as a float32 model in eval mode.
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a checkpoint as a model in eval mode, in ``dtype`` (default: the checkpoint's own,
+    ``checkpoint_dtype``).
 
     Only safetensors, only local files, never remote code. A compressed-tensors artifact is
     dequantized while loading (``dequantize=True``), which gives exactly the weights the engine
@@ -44,24 +55,52 @@ def load_model(folder: Path, device: torch.device) -> PreTrainedModel:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(folder)
+    dtype = dtype or checkpoint_dtype(folder)
     compression = _compression_config(folder)
     if compression is None:
-        model = _from_pretrained(folder)
+        model = _from_pretrained(folder, dtype)
     else:
         _refuse_sparse_layouts(compression)
-        model = _from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True))
+        model = _from_pretrained(folder, dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
         _quantize_inputs_as_declared(model, compression)
     return model.to(device).eval()
 
 
-def _from_pretrained(folder: Path, **options: Any) -> PreTrainedModel:
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint's floating-point weights are stored in: of the float32 / bfloat16
+    / float16 tensors in its safetensors headers, the dtype holding the most elements (in a
+    compressed-tensors artifact these are the tensors left unquantized and the scales). A
+    checkpoint without such tensors: its ``config.json``'s ``dtype`` (``torch_dtype`` in older
+    configs), else float32.
+
+    The headers, not the config, decide: they say what is stored, and an upload's config may
+    name another dtype or none.
+    """
+    folder = Path(folder)
+    elements: dict[torch.dtype, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path, max_header_bytes=path.stat().st_size)
+        for entry in header.tensors.values():
+            dtype = getattr(torch, TORCH_DTYPE_NAMES[entry.dtype])
+            if dtype in MODEL_DTYPES:
+                elements[dtype] = elements.get(dtype, 0) + entry.num_elements
+    if elements:
+        return max(elements, key=elements.__getitem__)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    named = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, named, None) if isinstance(named, str) else None
+    return dtype if dtype in MODEL_DTYPES else torch.float32
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype, **options: Any) -> PreTrainedModel:
     with warnings.catch_warnings():
         # transformers warns that the artifact's own quantization_config wins over the one
         # passed: intended, only the loading option `dequantize` is taken from ours.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(
             folder,
-            dtype=torch.float32,
+            dtype=dtype,
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,

@@ -52,6 +52,7 @@ def gptq_quantize(
     shorter last group. ``keep``, a pruning mask, is kept: those weights dequantize to 0.
     """
     rows, columns = weight.shape
+    scale_dtype = weight.dtype  # the sweep runs in float32; the scales are stored as the weight
     size = group_size or columns
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if keep is not None:
@@ -71,14 +72,14 @@ def gptq_quantize(
         if act_order:
             # One segment, the whole row, before any update: every group's grid, in the
             # original column order.
-            grid = quantize_rtn(current[:, torch.argsort(order)], bits, group_size, symmetric)
+            grid = quantize_rtn(current[:, torch.argsort(order)], bits, group_size, symmetric, scale_dtype)
             scale[:] = grid.scale
             if grid.zero_point is not None:
                 zero_point[:] = grid.zero_point
         else:
             if keep is not None:  # pruned weights will be 0: they must not widen the grid
                 current = current * keep[:, start:start + current.shape[1]]
-            grid = quantize_rtn(current, bits, None, symmetric)
+            grid = quantize_rtn(current, bits, None, symmetric, scale_dtype)
             scale[:, start // size] = grid.scale[:, 0]
             if grid.zero_point is not None:
                 zero_point[:, start // size] = grid.zero_point[:, 0]
@@ -100,7 +101,7 @@ def gptq_quantize(
     sweep_columns(weight, hessian, dampening, block_size,
                   segment_size=columns if act_order else size, start_segment=start_segment)
     return QuantizedWeight(
-        q=q, scale=scale, zero_point=None if symmetric else zero_point.to(torch.int8),
+        q=q, scale=scale.to(scale_dtype), zero_point=None if symmetric else zero_point.to(torch.int8),
         bits=bits, group_size=group_size,
     )
 

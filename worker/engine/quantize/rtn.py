@@ -7,6 +7,11 @@ computes, so the evaluation measures what will be shipped::
 
     qw = quantize_rtn(w, bits=4, group_size=128)   # w: [out, in]
     w_hat = dequantize(qw)                          # |w - w_hat| <= scale / 2, element-wise
+
+The scales are stored in the weight's dtype (bfloat16 for a bfloat16 model), as
+compressed-tensors creates them and llm-compressor writes them; the integers are rounded with
+the scale as stored, so ``dequantize`` (float32, exact) rounded to the model's dtype is
+bit for bit what compressed-tensors computes in that dtype when it loads the artifact.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class QuantizedWeight:
     """
 
     q: torch.Tensor  # int8 [out, in], values within the signed ``bits`` range
-    scale: torch.Tensor  # float32 [out, n_groups]
+    scale: torch.Tensor  # [out, n_groups], in the dtype the artifact stores (the model's)
     zero_point: torch.Tensor | None  # int8 [out, n_groups]; None when symmetric
     bits: int
     group_size: int | None
@@ -53,7 +58,11 @@ class QuantizedWeight:
 
 
 def quantize_rtn(
-    weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """Quantize an ``[out, in]`` weight to ``bits``-bit signed integers, rounding to nearest.
 
@@ -61,7 +70,11 @@ def quantize_rtn(
     ``[min, max]`` range, widened to contain 0, is mapped onto the whole integer range with an
     integer zero point; since 0 is in the range, a weight of 0 stays exactly 0 (pruned weights
     stay pruned). A row of length not divisible by ``group_size`` gets a shorter last group.
+
+    The arithmetic is float32; the scale is rounded to ``scale_dtype`` (default: the weight's
+    dtype, float32 for a non-float weight) before the weights are rounded with it.
     """
+    scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
     weight = weight.detach().float()
     rows, columns = weight.shape
     size = group_size or columns
@@ -71,12 +84,12 @@ def quantize_rtn(
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     if symmetric:
-        scale = _nonzero(groups.abs().amax(dim=-1) / q_max)
+        scale = _stored(groups.abs().amax(dim=-1) / q_max, scale_dtype)
         zero_point = None
     else:
         low = groups.amin(dim=-1).clamp(max=0.0)
         high = groups.amax(dim=-1).clamp(min=0.0)
-        scale = _nonzero((high - low) / (q_max - q_min))
+        scale = _stored((high - low) / (q_max - q_min), scale_dtype)
         zero_point = torch.round(q_min - low / scale).clamp(q_min, q_max)
 
     shifted = torch.round(groups / scale.unsqueeze(-1))
@@ -85,25 +98,29 @@ def quantize_rtn(
     q = shifted.clamp(q_min, q_max).view(rows, n_groups * size)[:, :columns]
     return QuantizedWeight(
         q=q.to(torch.int8).contiguous(),
-        scale=scale,
+        scale=scale.to(scale_dtype),
         zero_point=None if zero_point is None else zero_point.to(torch.int8),
         bits=bits,
         group_size=group_size,
     )
 
 
-def _nonzero(scale: torch.Tensor) -> torch.Tensor:
-    # An all-zero group has scale 0; any positive scale stores it exactly and avoids 0 / 0.
+def _stored(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 ``scale`` as ``dtype`` will store it (rounded), never 0: an all-zero group
+    (or a scale below ``dtype``'s range) gets 1, which stores it exactly and avoids 0 / 0."""
+    scale = scale.to(dtype).float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def dequantize(quantized: QuantizedWeight) -> torch.Tensor:
     """The float32 ``[out, in]`` weight ``(q - zero_point) * scale``, computed in the same order
-    as compressed-tensors so that a client loading the artifact gets identical values."""
+    as compressed-tensors so that a client loading the artifact gets identical values (exact in
+    float32: a 9-bit integer times a bfloat16 or float16 scale; rounded once, to the model's
+    dtype, when it becomes the layer's weight, as compressed-tensors rounds its product)."""
     values = quantized.q.to(torch.float32)
     if quantized.zero_point is not None:
         values = values - quantized.per_element(quantized.zero_point).to(torch.float32)
-    return values * quantized.per_element(quantized.scale)
+    return values * quantized.per_element(quantized.scale.float())
 
 
 @register(QuantizeRTN)
