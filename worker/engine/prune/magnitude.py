@@ -9,7 +9,8 @@ small weights lose more of them while the total is still exactly half. With
 from __future__ import annotations
 
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,40 +39,80 @@ def magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.
     Ties at the threshold are broken by position: the earliest tensor in the list, then the
     lowest flat index, is dropped first, so the result never depends on sort internals.
     """
-    total = sum(w.numel() for w in weights)
-    to_prune = round(sparsity * total)
-    if to_prune == 0:
-        return [torch.ones_like(w, dtype=torch.bool) for w in weights]
-    threshold = _kth_smallest_magnitude(weights, to_prune)
-
-    keeps = [_magnitude(w) > threshold for w in weights]
-    below = sum(int((_magnitude(w) < threshold).sum()) for w in weights)
-    ties_to_prune = to_prune - below  # the rest of the ties at the threshold are kept
-    for weight, keep in zip(weights, keeps):
-        ties = (_magnitude(weight) == threshold).flatten().nonzero().squeeze(1)
-        pruned_here = min(ties_to_prune, ties.numel())
-        keep.view(-1)[ties[pruned_here:]] = True
-        ties_to_prune -= pruned_here
-    return keeps
+    threshold = GlobalThreshold.find(lambda: iter(weights), sparsity)
+    return [threshold.keep_mask(weight) for weight in weights]
 
 
-def _kth_smallest_magnitude(weights: list[torch.Tensor], k: int) -> float:
-    """The k-th smallest ``|w|`` (1-based) over all the tensors, without concatenating them.
+@dataclass
+class GlobalThreshold:
+    """One magnitude threshold over many weights, found from passes that read them one at a time
+    (``weights`` is called once per pass), so a model streamed from its checkpoint needs no more
+    memory than one layer::
 
-    The bit patterns of non-negative float32 values sort like the values, so a binary search
-    over the 31 bits finds the exact k-th value in 31 counting passes, using no memory beyond
-    one layer's temporary; ``torch.cat`` + ``kthvalue`` would copy every weight of the model.
+        threshold = GlobalThreshold.find(lambda: (read(name) for name in names), 0.5)
+        keeps = [threshold.keep_mask(read(name)) for name in names]   # same order, once each
+
+    ``keep_mask`` keeps what is above the threshold and, of the ties at it, drops the first
+    ``ties_to_prune`` met (in the order the weights are given).
     """
-    low, high = 0, 0x7F800000  # the bit patterns of 0.0 and +inf
-    while low < high:
-        middle = (low + high) // 2
-        value = _float32_from_bits(middle)
-        at_most = sum(int((_magnitude(w) <= value).sum()) for w in weights)
-        if at_most >= k:
-            high = middle
-        else:
-            low = middle + 1
-    return _float32_from_bits(low)
+
+    threshold: float
+    ties_to_prune: int
+
+    @classmethod
+    def find(cls, weights: Callable[[], Iterable[torch.Tensor]], sparsity: float) -> GlobalThreshold:
+        histogram, total = _magnitude_histogram(weights(), _HIGH, None)
+        to_prune = round(sparsity * total)
+        if to_prune == 0:
+            return cls(threshold=-1.0, ties_to_prune=0)  # every |w| is above it
+        threshold, below = _kth_smallest_magnitude(weights, histogram, to_prune)
+        return cls(threshold=threshold, ties_to_prune=to_prune - below)
+
+    def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = _magnitude(weight)
+        keep = magnitude > self.threshold
+        ties = (magnitude == self.threshold).flatten().nonzero().squeeze(1)
+        pruned_here = min(self.ties_to_prune, ties.numel())
+        keep.view(-1)[ties[pruned_here:]] = True  # the rest of the ties at the threshold are kept
+        self.ties_to_prune -= pruned_here
+        return keep
+
+
+# The bit patterns of non-negative float32 values sort like the values: the high 16 bits give a
+# coarse histogram, the low 16 bits of the values in one coarse bin a fine one.
+_HIGH, _LOW = 16, 0
+
+
+def _kth_smallest_magnitude(
+    weights: Callable[[], Iterable[torch.Tensor]], coarse: torch.Tensor, k: int
+) -> tuple[float, int]:
+    """The k-th smallest ``|w|`` (1-based) over all the tensors and how many are smaller than
+    it, without concatenating them: two histogram passes (the coarse one given) over the bit
+    patterns; ``torch.cat`` + ``kthvalue`` would copy every weight of the model."""
+    cumulative = coarse.cumsum(0)
+    high = int(torch.searchsorted(cumulative, k))  # the first coarse bin holding k values
+    before_high = int(cumulative[high - 1]) if high else 0
+    fine, _ = _magnitude_histogram(weights(), _LOW, high)
+    cumulative = fine.cumsum(0)
+    low = int(torch.searchsorted(cumulative, k - before_high))
+    below = before_high + (int(cumulative[low - 1]) if low else 0)
+    return _float32_from_bits((high << 16) | low), below
+
+
+def _magnitude_histogram(
+    weights: Iterable[torch.Tensor], shift: int, high: int | None
+) -> tuple[torch.Tensor, int]:
+    """Counts of the float32 bit patterns of ``|w|``: by their high 16 bits (``shift=16``), or
+    by their low 16 bits among those whose high bits are ``high``. Also the number of weights."""
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    total = 0
+    for weight in weights:
+        bits = _magnitude(weight).view(torch.int32).flatten()
+        total += bits.numel()
+        if high is not None:
+            bits = bits[(bits >> 16) == high]
+        counts += torch.bincount(((bits >> shift) & 0xFFFF).cpu(), minlength=1 << 16)
+    return counts, total
 
 
 def _magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -93,11 +134,13 @@ def prune_magnitude(model: nn.Module, config: PruneMagnitude, ctx: EngineContext
         global_keeps = magnitude_masks([layer.weight() for layer in layers], config.sparsity)
     for index, layer in enumerate(layers):
         ctx.step(index, len(layers))
-        if global_keeps is not None:
-            keep = global_keeps[index]
-        elif config.n_m is not None:
-            keep = magnitude_nm_mask(layer.weight(), *config.n_m)
-        else:
-            keep = magnitude_mask(layer.weight(), config.sparsity)
+        keep = global_keeps[index] if global_keeps is not None else layer_keep_mask(layer.weight(), config)
         apply_keep_mask(layer, keep, ctx)
     return pruning_metrics(layers, ctx)
+
+
+def layer_keep_mask(weight: torch.Tensor, config: PruneMagnitude) -> torch.Tensor:
+    """The keep-mask of one layer for ``scope="layer"`` (``GlobalThreshold`` for ``"global"``)."""
+    if config.n_m is not None:
+        return magnitude_nm_mask(weight, *config.n_m)
+    return magnitude_mask(weight, config.sparsity)

@@ -34,4 +34,9 @@ def pruning_metrics(layers: list[WeightLayer], ctx: EngineContext) -> dict[str, 
     masks remove, all pruning stages so far included."""
     total = sum(layer.weight().numel() for layer in layers)
     pruned = sum(int((~ctx.masks[layer.name]).sum()) for layer in layers if layer.name in ctx.masks)
-    return {"layers": len(layers), "sparsity": pruned / total if total else 0.0}
+    return sparsity_metrics(len(layers), pruned, total)
+
+
+def sparsity_metrics(layers: int, pruned: int, total: int) -> dict[str, Any]:
+    """``pruning_metrics`` from counts: ``pruned`` of the ``total`` weights of ``layers`` layers."""
+    return {"layers": layers, "sparsity": pruned / total if total else 0.0}

@@ -48,9 +48,13 @@ def prune_random(model: nn.Module, config: PruneRandom, ctx: EngineContext) -> d
     generator = torch.Generator().manual_seed(config.seed)
     for index, layer in enumerate(layers):
         ctx.step(index, len(layers))
-        if config.n_m is None:
-            keep = random_mask(layer.weight(), config.sparsity, generator)
-        else:
-            keep = random_nm_mask(layer.weight(), *config.n_m, generator)
-        apply_keep_mask(layer, keep, ctx)
+        apply_keep_mask(layer, layer_keep_mask(layer.weight(), config, generator), ctx)
     return pruning_metrics(layers, ctx)
+
+
+def layer_keep_mask(weight: torch.Tensor, config: PruneRandom, generator: torch.Generator) -> torch.Tensor:
+    """The keep-mask of one layer, drawn from ``generator`` (seeded once per stage, then drawn
+    layer after layer in ``compressible_layers`` order)."""
+    if config.n_m is None:
+        return random_mask(weight, config.sparsity, generator)
+    return random_nm_mask(weight, *config.n_m, generator)

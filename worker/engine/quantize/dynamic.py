@@ -50,8 +50,10 @@ def quantize_per_token(x: torch.Tensor, bits: int = INPUT_BITS) -> tuple[torch.T
     """
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     absmax = x.abs().amax(dim=-1, keepdim=True)
-    # An all-zero token: any positive scale stores it exactly; the smallest one avoids 0 / 0.
-    scale = (absmax / ((q_max - q_min) / 2)).clamp(min=torch.finfo(x.dtype).tiny)
+    scale = absmax / ((q_max - q_min) / 2)
+    # An all-zero token: any positive scale stores it exactly. compressed-tensors' choice, eps,
+    # and only for a scale of exactly 0 (a float16 scale may be subnormal): the same logits.
+    scale = torch.where(scale > 0, scale, torch.finfo(x.dtype).eps)
     q = torch.clamp(torch.round(x / scale), q_min, q_max)
     return q.to(torch.int8), scale
 
@@ -113,9 +115,18 @@ def quantize_dynamic_int8(
 ) -> dict[str, Any]:
     # The weights are exactly RTN int8 per channel (masks kept, progress reported per layer):
     # the RTN stage does it, this one adds the activations.
-    weights = quantize_rtn_stage(model, QuantizeRTN(bits=8, group_size=None, symmetric=True), ctx)
+    weights = quantize_rtn_stage(model, WEIGHTS, ctx)
     for layer in compressible_layers(model):
         quantize_inputs(layer.module)
+    return dynamic_int8_metrics(weights)
+
+
+# The weights of a dynamic int8 layer: RTN, symmetric int8, one scale per output channel.
+WEIGHTS = QuantizeRTN(bits=8, group_size=None, symmetric=True)
+
+
+def dynamic_int8_metrics(weights: dict[str, Any]) -> dict[str, Any]:
+    """The stage's metrics from those of its RTN ``WEIGHTS`` quantization."""
     return {
         "layers": weights["layers"],
         "bits": 8,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.specs import QuantizeRTN
-from worker.engine.modules import compressible_layers
+from worker.engine.modules import WeightLayer, compressible_layers
 from worker.engine.registry import EngineContext, register
 
 
@@ -129,18 +129,29 @@ def quantize_rtn_stage(model: nn.Module, config: QuantizeRTN, ctx: EngineContext
     max_abs_error = 0.0
     for index, layer in enumerate(layers):
         ctx.step(index, len(layers))
-        weight = layer.weight()
-        quantized = quantize_rtn(weight, config.bits, config.group_size, config.symmetric)
-        keep = ctx.masks.get(layer.name)
-        if keep is not None:
-            # Zeros already quantize to exactly 0; this makes it certain for any later method.
-            quantized = quantized.masked(keep)
-        dequantized = dequantize(quantized)
-        max_abs_error = max(max_abs_error, float((weight.float() - dequantized).abs().max()))
-        layer.set_weight(dequantized)
-        ctx.quantized[layer.name] = quantized
+        max_abs_error = max(max_abs_error, quantize_layer(layer, config, ctx))
+    return rtn_metrics(config, len(layers), max_abs_error)
+
+
+def quantize_layer(layer: WeightLayer, config: QuantizeRTN, ctx: EngineContext) -> float:
+    """Quantize one layer: its weight becomes the dequantized one, its integers go to
+    ``ctx.quantized`` (its zeros kept, as ``ctx.masks`` says). Returns the largest ``|w - w_hat|``."""
+    weight = layer.weight()
+    quantized = quantize_rtn(weight, config.bits, config.group_size, config.symmetric)
+    keep = ctx.masks.get(layer.name)
+    if keep is not None:
+        # Zeros already quantize to exactly 0; this makes it certain for any later method.
+        quantized = quantized.masked(keep)
+    dequantized = dequantize(quantized)
+    max_abs_error = float((weight.float() - dequantized).abs().max())
+    layer.set_weight(dequantized)
+    ctx.quantized[layer.name] = quantized
+    return max_abs_error
+
+
+def rtn_metrics(config: QuantizeRTN, layers: int, max_abs_error: float) -> dict[str, Any]:
     return {
-        "layers": len(layers),
+        "layers": layers,
         "bits": config.bits,
         "group_size": config.group_size,
         "symmetric": config.symmetric,
