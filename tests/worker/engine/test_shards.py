@@ -1,0 +1,102 @@
+"""Shards written one tensor at a time: sizes, names, the index, and from_pretrained reading them."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from tests.worker.conftest import tiny_llama
+from worker.engine.modules import unique_tensors
+from worker.engine.shards import INDEX_FILE, ShardWriter
+
+
+def read_all(folder):
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as file:
+            tensors.update({name: file.get_tensor(name) for name in file.keys()})
+    return tensors
+
+
+def test_several_shards_with_an_index_that_from_pretrained_loads(tmp_path):
+    model = tiny_llama()
+    tensors = unique_tensors(model)
+    max_bytes = 100_000
+    with ShardWriter(tmp_path, max_bytes) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    model.config.save_pretrained(tmp_path)
+
+    files = sorted(tmp_path.glob("*.safetensors"))
+    count = len(files)
+    assert count > 2
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    # The file, header included, never exceeds the limit (no single tensor here is that large).
+    assert all(f.stat().st_size <= max_bytes for f in files)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == {f.name for f in files}
+    assert not list(tmp_path.glob(".shard-*"))  # no temporary file left
+    written = read_all(tmp_path)
+    assert written.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(written[name], tensor), name
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
+    tensors = unique_tensors(tiny_llama())
+    with ShardWriter(tmp_path, 10**9) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    assert [f.name for f in tmp_path.iterdir()] == ["model.safetensors"]
+    assert read_all(tmp_path).keys() == tensors.keys()
+
+
+def test_the_limit_is_exact_and_a_larger_tensor_is_alone(tmp_path):
+    # Four tensors of 1000 bytes: whether two fit in one file depends on the header bytes too.
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(4)}
+    with ShardWriter(tmp_path / "pairs", 2200) as writer:  # two tensors + a header fit, not three
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    sizes = sorted(f.stat().st_size for f in (tmp_path / "pairs").glob("*.safetensors"))
+    assert len(sizes) == 2 and all(size <= 2200 for size in sizes)
+    with ShardWriter(tmp_path / "tight", sizes[0] - 1) as writer:  # one byte short: one each
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    assert len(list((tmp_path / "tight").glob("*.safetensors"))) == 4
+
+    with ShardWriter(tmp_path / "big", 500) as writer:
+        writer.add("small", torch.zeros(10))
+        writer.add("large", torch.zeros(1000))  # 4000 bytes: more than a shard, a file of its own
+        writer.add("after", torch.zeros(10))
+    weight_map = json.loads((tmp_path / "big" / INDEX_FILE).read_text())["weight_map"]
+    assert len(set(weight_map.values())) == 3
+
+
+def test_at_most_one_shard_is_held(tmp_path):
+    with ShardWriter(tmp_path, 5000) as writer:
+        for i in range(20):
+            writer.add(f"t{i}", torch.zeros(300))  # 1200 bytes each: three fit in a shard
+    assert writer.peak_pending_bytes == 3 * 1200
+
+
+def test_a_failure_leaves_no_weights_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, 1000) as writer:
+            for i in range(5):
+                writer.add(f"t{i}", torch.zeros(200))
+            raise RuntimeError("stage failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_name_is_written_once(tmp_path):
+    writer = ShardWriter(tmp_path, 1000)
+    writer.add("a", torch.zeros(1))
+    with pytest.raises(ValueError, match="already"):
+        writer.add("a", torch.zeros(1))
