@@ -9,9 +9,12 @@ file of calibration token ids::
     bench/.venv-lc/bin/python bench/llmcompressor_side.py --model IN --calibration inputs.safetensors \\
         --recipe sparsegpt-2:4 --out OUT --result result.json
 
-``result.json``: ``{"status": "ok", "compress_s": 3.1, "peak_rss_mib": 812.0, "versions": {...}}``
-(``compress_s`` is the ``oneshot`` call alone; ``peak_rss_mib`` is this process's peak resident
-memory, ``VmHWM``, read after the model was saved), or ``{"status": "error", "error": "..."}``.
+``result.json``: ``{"status": "ok", "load_s": 0.4, "compress_s": 3.1, "save_s": 0.9,
+"peak_rss_mib": 812.0, "idle_rss_mib": 402.0, "versions": {...}}`` (``compress_s`` is the
+``oneshot`` call alone; ``peak_rss_mib`` is this process's peak resident memory, ``VmHWM``, read
+after the model was saved; ``idle_rss_mib`` its resident memory before the model was loaded), or
+``{"status": "error", "error": "..."}``. ``--dtype auto`` keeps the checkpoint's dtype
+(``bench/scale.py``); the default, float32, is what ``bench/quality.py`` compares with.
 
 The recipes match the rows of ``bench/quality.py``: every ``Linear`` of the decoder blocks,
 ``lm_head`` left alone, the same block size and dampening as our defaults.
@@ -88,14 +91,18 @@ def recipe(name: str):
     raise SystemExit(f"unknown recipe {name!r}")
 
 
-def compress(model_dir: Path, calibration: Path, name: str, out_dir: Path) -> dict:
+def compress(model_dir: Path, calibration: Path, name: str, out_dir: Path, dtype: str = "float32") -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    idle_rss_mib = rss_mib()  # imports done, nothing loaded
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype), local_files_only=True)
+    load_s = time.perf_counter() - started
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     ids = load_file(calibration)["calibration"]  # [samples, seq_len], the samples our rows get
     dataset = Dataset.from_dict({"input_ids": ids.tolist(),
@@ -111,21 +118,28 @@ def compress(model_dir: Path, calibration: Path, name: str, out_dir: Path) -> di
 
     # Pruned models are written dense, as our pruning rows are; quantized ones compressed
     # (int8 / packed int4 with scales), as ours are.
+    started = time.perf_counter()
     model.save_pretrained(out_dir, save_compressed=quantizes)
     for file in TOKENIZER_FILES:
         if (model_dir / file).is_file():
             shutil.copyfile(model_dir / file, out_dir / file)
-    return {"compress_s": compress_s, "peak_rss_mib": peak_rss_mib()}
+    return {"load_s": load_s, "compress_s": compress_s, "save_s": time.perf_counter() - started,
+            "peak_rss_mib": peak_rss_mib(), "idle_rss_mib": idle_rss_mib}
 
 
-def peak_rss_mib() -> float:
+def peak_rss_mib(field: str = "VmHWM") -> float:
     """This process's peak resident memory (``VmHWM``; not ``ru_maxrss``, which Linux carries
     across ``exec`` from the parent that started this process)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (``VmRSS``)."""
+    return peak_rss_mib("VmRSS")
 
 
 def main() -> None:
@@ -133,6 +147,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="save_pretrained folder (nn.Linear layers)")
     parser.add_argument("--calibration", type=Path, required=True, help="safetensors with 'calibration' [n, seq_len]")
     parser.add_argument("--recipe", required=True)
+    parser.add_argument("--dtype", default="float32",
+                        help="the model's dtype while compressed: float32 (bench/quality.py), or auto "
+                             "(the checkpoint's, bench/scale.py)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     args = parser.parse_args()
@@ -141,7 +158,7 @@ def main() -> None:
         import llmcompressor
         import transformers
 
-        result = {"status": "ok", **compress(args.model, args.calibration, args.recipe, args.out),
+        result = {"status": "ok", **compress(args.model, args.calibration, args.recipe, args.out, args.dtype),
                   "versions": {"llmcompressor": llmcompressor.__version__,
                                "transformers": transformers.__version__,
                                "compressed-tensors": compressed_tensors.__version__}}
