@@ -35,7 +35,6 @@ from typing import Any, Literal
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedModel
 
@@ -45,6 +44,7 @@ from worker.engine.modules import WEIGHT_MODULE_TYPES, unique_tensors
 from worker.engine.quantize.dynamic import input_bits as layer_input_bits
 from worker.engine.quantize.rtn import QuantizedWeight
 from worker.engine.registry import EngineContext
+from worker.engine.shards import ShardWriter
 
 # Files a client needs besides the weights and config.json, copied from the source checkpoint:
 # every tokenizer file an upload may carry (one list, kept by the upload validation).
@@ -68,7 +68,6 @@ def resolve_format(requested: str, ctx: EngineContext) -> Format:
 
 # What ``OutputSpec.max_shard_size`` defaults to.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def write_checkpoint(
@@ -95,45 +94,33 @@ def write_checkpoint(
         architecture = _write_compressed(model, ctx.quantized, out_dir, max_shard_bytes)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
+    copy_tokenizer_files(source_dir, out_dir)
+    return export_summary(out_dir, fmt, architecture)
+
+
+def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copyfile(Path(source_dir) / name, out_dir / name)
-    weights = sorted(out_dir.glob("*.safetensors"))
+
+
+def export_summary(out_dir: Path, fmt: Format, architecture: str) -> dict[str, Any]:
+    """What ``write_checkpoint`` returns about the artifact in ``out_dir``."""
+    weights = sorted(Path(out_dir).glob("*.safetensors"))
     return {"format": fmt, "architecture": architecture,
             "weights_bytes": sum(path.stat().st_size for path in weights), "shards": len(weights)}
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
-    """Write ``tensors`` as safetensors files of at most ``max_shard_bytes`` of tensor data
-    each, in order, a tensor larger than that alone in its file: ``model.safetensors`` if one
-    file is enough, else ``model-00001-of-0000N.safetensors``... and the index
-    ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``), the
-    layout ``from_pretrained`` reads. Only one shard's tensors are copied to the host (made
-    contiguous) at a time. Returns the files written."""
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
-    for names, file in zip(shards, files):
-        shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
-        save_file(shard, out_dir / file, metadata={"format": "pt"})
-        del shard
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {name: file for names, file in zip(shards, files) for name in names},
-        }
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [out_dir / file for file in files]
+    """Write ``tensors`` as safetensors files of at most ``max_shard_bytes`` each, in order, a
+    tensor larger than that alone in its file: ``model.safetensors`` if one file is enough,
+    else ``model-00001-of-0000N.safetensors``... and the index ``model.safetensors.index.json``,
+    the layout ``from_pretrained`` reads (``shards.ShardWriter``). Only one shard's tensors are
+    copied to the host (made contiguous) at a time. Returns the files written."""
+    with ShardWriter(out_dir, max_shard_bytes) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    return writer.files
 
 
 def _write_compressed(
@@ -146,13 +133,23 @@ def _write_compressed(
     if isinstance(model, GPT2LMHeadModel):
         config, tensors, quantized = as_gpt_bigcode(model, quantized)
     else:
-        config, tensors = model.config.to_diff_dict(), unique_tensors(model)
-        config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
+        config, tensors = saved_config(model), unique_tensors(model)
     config["dtype"] = str(model.dtype).removeprefix("torch.")  # of the tensors left in float
-    config["quantization_config"] = _compress_quantized(tensors, quantized, input_bits, _linear_names(model))
+    config["quantization_config"] = _compress_quantized(tensors, quantized, input_bits, linear_names(model))
     write_shards(tensors, out_dir, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_config(out_dir, config)
     return config["architectures"][0]
+
+
+def saved_config(model: PreTrainedModel) -> dict[str, Any]:
+    """``model``'s config as a dict, with ``architectures`` as ``save_pretrained`` writes it."""
+    config = model.config.to_diff_dict()
+    config["architectures"] = [type(model).__name__]
+    return config
+
+
+def write_config(out_dir: Path, config: dict[str, Any]) -> None:
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _compress_quantized(
@@ -163,13 +160,20 @@ def _compress_quantized(
 ) -> dict[str, Any]:
     """Replace the quantized layers' weights in ``tensors`` by their integers and scales; return
     the ``quantization_config``."""
-    scheme = _scheme(quantized, input_bits)
+    scheme = quantization_scheme(quantized, input_bits)
     for name, weight in quantized.items():
         del tensors[f"{name}.weight"]
-        tensors.update(_compressed_tensors(name, weight, scheme.weights))
+        tensors.update(layer_tensors(name, weight, scheme.weights))
+    return quantization_config(scheme, list(quantized), linear_names)
+
+
+def quantization_config(
+    scheme: QuantizationScheme, quantized_names: list[str], linear_names: list[str]
+) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json``: layers ``quantized_names`` by ``scheme``."""
     # Every Linear not quantized (lm_head, and e.g. OPT's project_in/out) is listed by name, so
     # that a loader does not expect a scale for it.
-    ignore = sorted(set(linear_names) - set(quantized))
+    ignore = sorted(set(linear_names) - set(quantized_names))
     return QuantizationConfig(
         config_groups={"group_0": scheme},
         format=scheme.format,
@@ -178,7 +182,7 @@ def _compress_quantized(
     ).model_dump()
 
 
-def _scheme(
+def quantization_scheme(
     quantized: dict[str, QuantizedWeight], input_bits: dict[str, int | None]
 ) -> QuantizationScheme:
     """The one compressed-tensors scheme that describes every quantized layer (and, with
@@ -189,6 +193,9 @@ def _scheme(
     be described by the ``"group"`` strategy, which requires whole groups; the ``"block"``
     strategy with ``[1, group_size]`` blocks pads the last block and describes it exactly
     (transformers loads it; serving engines may support only ``"group"``).
+
+    Only the integers' shape, ``bits``, ``group_size`` and whether there is a zero point are
+    read: a streamed export passes weights whose tensors are on the ``meta`` device.
     """
     kinds = {
         (q.bits, q.group_size, q.zero_point is None, input_bits.get(name))
@@ -224,7 +231,7 @@ def _scheme(
     return QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs, format=fmt)
 
 
-def _compressed_tensors(
+def layer_tensors(
     name: str, weight: QuantizedWeight, args: QuantizationArgs
 ) -> dict[str, torch.Tensor]:
     """The tensors compressed-tensors stores for one layer, named as its compressors name them."""
@@ -245,7 +252,7 @@ def _compressed_tensors(
     return tensors
 
 
-def _linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: nn.Module) -> list[str]:
     """The names of the ``nn.Linear`` layers of the model as written: GPT-2's Conv1D layers are
     written as Linear layers of GPTBigCode."""
     return [

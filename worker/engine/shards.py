@@ -26,7 +26,8 @@ from types import TracebackType
 import torch
 from safetensors.torch import save_file
 
-INDEX_FILE = "model.safetensors.index.json"
+from app.checkpoints.names import INDEX_FILE
+
 SINGLE_FILE = "model.safetensors"
 _METADATA = {"format": "pt"}  # transformers reads a file without it as another framework's
 
