@@ -128,11 +128,15 @@ def train_student(
     weights that scored best on ``data.held_out``, the untrained ones included.
 
     AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA (float32
-    weights and losses). The keep-masks in ``ctx.masks`` (named as the student's layers) are
-    re-applied after every step. ``ctx.step`` is called before every step, so a cancelled job
-    stops within one step. ``layer_map`` pairs hidden states for ``hidden_loss_weight``."""
+    weights and losses). The student trains in float32 whatever its dtype (a bfloat16 weight
+    cannot take AdamW's small updates: most would round away) and is cast back to its dtype at
+    the end; the teacher runs in its own. The keep-masks in ``ctx.masks`` (named as the
+    student's layers) are re-applied after every step. ``ctx.step`` is called before every
+    step, so a cancelled job stops within one step. ``layer_map`` pairs hidden states for
+    ``hidden_loss_weight``."""
     device = ctx.device
-    student.to(device)
+    dtype = next(student.parameters()).dtype
+    student.to(device, torch.float32)  # before the views of its weights below are taken
     teacher.to(device).eval().requires_grad_(False)
     pruned = _pruned_weights(student, ctx.masks)
     needs_teacher = config.alpha > 0 or config.hidden_loss_weight > 0
@@ -202,7 +206,7 @@ def train_student(
 
     if best_step != config.steps:
         student.load_state_dict(best_state)
-    student.eval()
+    student.to(dtype).eval()  # pruned weights are exactly 0 in any dtype
     return TrainingResult(evaluations, best_step, loss_first, float(loss_last))
 
 
