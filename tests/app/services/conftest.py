@@ -68,15 +68,17 @@ def migrated_postgres() -> str:
 
     name = f"squeeze_services_{secrets.token_hex(4)}"
     try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} (SQUEEZE_TEST_PG_ADMIN): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        url = f"{PG_HOST_URL.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
-        _migrate(url)
-        yield url
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    url = f"{PG_HOST_URL.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    _migrate(url)
+    yield url
+    # A new connection: one held for the whole session would not survive the fault tests'
+    # PostgreSQL restart.
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
