@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.safetensors_header import read_header
-from app.specs import (CalibrationSpec, DistillKD, EvaluationSpec, JobSpec, PruneMagnitude, PruneRandom,
+from app.specs import (CalibrationSpec, DistillKD, EvaluationSpec, JobSpec, OutputSpec, PruneMagnitude, PruneRandom,
                        PruneSparseGPT, PruneStructured, PruneWanda, QuantizeDynamicInt8, QuantizeGPTQ,
                        QuantizeRTN)
 from tests.factories import DATA, make_checkpoint, tokenizer
@@ -47,10 +47,11 @@ def checkpoints(tmp_path_factory):
     return checkpoint
 
 
-def job(*stages) -> JobSpec:
+def job(*stages, output: OutputSpec | None = None) -> JobSpec:
     return JobSpec(model_id="mdl_x", stages=list(stages),
                    calibration=CalibrationSpec(dataset_id="ds_corpus", samples=4, seq_len=32),
-                   evaluation=EvaluationSpec(dataset_id="ds_corpus", max_tokens=EVAL_TOKENS, seq_len=EVAL_WINDOW))
+                   evaluation=EvaluationSpec(dataset_id="ds_corpus", max_tokens=EVAL_TOKENS, seq_len=EVAL_WINDOW),
+                   output=output or OutputSpec())
 
 
 def distill() -> DistillKD:
@@ -174,6 +175,18 @@ def test_bfloat16_quantized_artifact_stores_its_floats_in_half_the_bytes(checkpo
         stored[dtype] = by_kind
     assert stored[torch.bfloat16]["integer"] == stored[torch.float32]["integer"] > 0
     assert 2 * stored[torch.bfloat16]["float"] == stored[torch.float32]["float"]
+
+
+@pytest.mark.parametrize("stages", [[PruneMagnitude(sparsity=0.5)], [QuantizeGPTQ(bits=4, group_size=32)]],
+                         ids=["dense", "compressed-tensors"])
+def test_the_jobs_max_shard_size_cuts_the_artifact(stages, checkpoints, tmp_path):
+    artifact, metrics = compress(checkpoints("llama", torch.bfloat16),
+                                 job(*stages, output=OutputSpec(max_shard_size="60KB")),
+                                 tmp_path, device="cpu", hooks=Corpus())
+    assert metrics["export"]["shards"] == len(list(artifact.glob("model-*-of-*.safetensors"))) >= 3
+    assert (artifact / "model.safetensors.index.json").is_file()
+    client = AutoModelForCausalLM.from_pretrained(artifact).eval()
+    assert eval_perplexity(client) == pytest.approx(metrics["after"]["perplexity"], rel=1e-5)
 
 
 def test_checkpoint_dtype_is_what_the_weights_are_stored_in(checkpoints, tmp_path):

@@ -6,6 +6,7 @@ import transformers
 from safetensors import safe_open
 
 from app.specs import PruneMagnitude, QuantizeDynamicInt8, QuantizeRTN
+from tests.factories import make_checkpoint
 from worker.engine.loading import load_model
 from worker.engine.export import resolve_format, write_checkpoint
 from worker.engine.modules import compressible_layers
@@ -165,3 +166,39 @@ def test_sparse_layouts_fail_instead_of_loading_random_weights(layout, tiny_mode
 
     with pytest.raises(ValueError, match=layout):
         load_model(tmp_path, CPU)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed-tensors"])
+def test_a_small_max_shard_size_gives_shards_and_an_index_that_from_pretrained_loads(fmt, tmp_path):
+    # Loaded as the engine loads an upload (a bf16 model made in memory would also have its
+    # rotary frequencies in bf16, which from_pretrained keeps in float32).
+    model = load_model(make_checkpoint(tmp_path / "source", "llama", dtype=torch.bfloat16), CPU)
+    ctx = EngineContext()
+    run_pipeline(model, [PruneMagnitude(sparsity=0.5), QuantizeRTN(bits=8)], ctx)
+    max_shard_bytes = 60_000  # the embeddings and lm_head (51 200 bytes each) fit, one a shard
+
+    out = tmp_path / "out"
+
+    info = write_checkpoint(model, ctx, out, fmt, source_dir=tmp_path / "source", max_shard_bytes=max_shard_bytes)
+
+    shards = sorted(out.glob("*.safetensors"))
+    assert info["shards"] == len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert [path.name for path in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                              for i in range(1, len(shards) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = {}
+    for path in shards:
+        with safe_open(path, framework="pt") as tensors:
+            stored.update(dict.fromkeys(tensors.keys(), path.name))
+        data = path.stat().st_size - _header_bytes(path)
+        assert data <= max_shard_bytes, path.name
+    assert index["weight_map"] == stored
+    assert index["metadata"]["total_size"] == sum(path.stat().st_size - _header_bytes(path) for path in shards)
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.dtype == torch.bfloat16
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
+def _header_bytes(path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")

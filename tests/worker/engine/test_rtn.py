@@ -79,3 +79,25 @@ def test_pruning_after_quantization_keeps_the_integers_in_step(tiny_models):
     for layer in compressible_layers(model):
         assert int((layer.weight() == 0).sum()) >= round(0.3 * layer.weight().numel())
         assert torch.equal(layer.weight(), dequantize(ctx.quantized[layer.name]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_scales_of_a_half_precision_weight_are_stored_in_its_dtype(dtype, symmetric):
+    """The scale is rounded to the weight's dtype before the weights are rounded with it, so
+    the dequantized weight in that dtype is exactly what compressed-tensors computes from the
+    stored integers and scale (in the scale's dtype). The error is half a step, give or take
+    the scale's rounding (a range's end may fall just outside the rounded grid)."""
+    from compressed_tensors.quantization.lifecycle.forward_helpers import _dequantize
+
+    torch.manual_seed(0)
+    weight = (torch.randn(16, 96) * 0.02).to(dtype)
+    qw = quantize_rtn(weight, 4, group_size=32, symmetric=symmetric)
+
+    assert qw.scale.dtype == dtype
+    zero_point = None if symmetric else qw.per_element(qw.zero_point)
+    theirs = _dequantize(qw.q, qw.per_element(qw.scale), zero_point, dtype=dtype)
+    assert torch.equal(dequantize(qw).to(dtype), theirs)
+    error = (weight.float() - dequantize(qw)).abs()
+    scale_rounding = torch.finfo(dtype).eps  # relative
+    assert (error <= qw.per_element(qw.scale).float() / 2 + weight.float().abs() * scale_rounding).all()
