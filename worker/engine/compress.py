@@ -30,6 +30,7 @@ from worker.engine.export import resolve_format, write_checkpoint
 from worker.engine.loading import load_model
 from worker.engine.pipeline import run_pipeline
 from worker.engine.registry import EngineContext
+from worker.engine.streaming import compress_streaming, streaming_refusal
 
 
 class JobHooks(Protocol):
@@ -148,17 +149,26 @@ def compress(
                         should_cancel=hooks.should_cancel, tokenizer=tokenizer,
                         resolve_dataset=hooks.dataset_file, resolve_model=hooks.model_dir,
                         source_model_dir=source_dir)
-    stage_metrics = run_pipeline(model, spec.stages, ctx,
-                                 on_stage_start=lambda index, name: enter(name, index))
-    hooks.event("metric", "stages finished", stages=stage_metrics)
-
-    enter("export")
-    fmt = resolve_format(spec.output.format, ctx)
     artifact_dir = work_dir / "model"
-    export_info = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, source_dir,
-                                   max_shard_bytes=spec.output.max_shard_bytes)
-    del model
-    ctx.model = None  # the artifact is what gets measured from here on
+    if streaming_refusal(source_dir, spec) is None:
+        # Data-free stages only: one read of the checkpoint and one write of the artifact,
+        # tensor by tensor, stages and export in one pass (streaming.py); no model needed.
+        del model
+        stage_metrics, export_info = compress_streaming(source_dir, spec, artifact_dir, ctx,
+                                                        on_stage_start=lambda index, name: enter(name, index))
+        hooks.event("metric", "stages finished", stages=stage_metrics)
+        enter("export")
+    else:
+        stage_metrics = run_pipeline(model, spec.stages, ctx,
+                                     on_stage_start=lambda index, name: enter(name, index))
+        hooks.event("metric", "stages finished", stages=stage_metrics)
+
+        enter("export")
+        fmt = resolve_format(spec.output.format, ctx)
+        export_info = write_checkpoint(ctx.model, ctx, artifact_dir, fmt, source_dir,
+                                       max_shard_bytes=spec.output.max_shard_bytes)
+        del model
+        ctx.model = None  # the artifact is what gets measured from here on
 
     if evaluation:
         enter("evaluate.after")

@@ -47,6 +47,7 @@ class ShardWriter:
         if max_shard_bytes <= 0:
             raise ValueError("max_shard_bytes must be positive")
         self.out_dir = Path(out_dir)
+        self._created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
@@ -100,11 +101,14 @@ class ShardWriter:
         return self.files
 
     def abort(self) -> None:
-        """Drop what was queued and delete the files written so far."""
+        """Drop what was queued and delete the files written so far (and the folder, if this
+        writer made it and nothing else is in it)."""
         self._pending.clear()
         for temporary, _ in self._written:
             temporary.unlink(missing_ok=True)
         self._written.clear()
+        if self._created_dir and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
 
     def __enter__(self) -> ShardWriter:
         return self
