@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     # channel) whether it still runs it; a node silent this long is taken for gone.
     worker_ping_timeout_s: float = 5.0
     job_memory_limit_bytes: int | None = None  # memory a job may map beyond its worker's idle footprint
+    # What one job may use on a worker, declared by the operator. The API refuses (422) a job
+    # whose pre-flight estimate exceeds them; a worker fails such a job before loading anything
+    # (exceeds_worker_memory). None: unknown, nothing is refused.
+    worker_memory_bytes: int | None = Field(default=None, description="host memory a worker gives one job")
+    worker_device_memory_bytes: int | None = Field(default=None, description="device memory a worker gives one job")
+    # The worker process's own footprint (Python, torch, transformers), a term of every estimate.
+    worker_process_bytes: int = 1 * GiB
     reconcile_interval_s: float = 10.0
     max_active_jobs_per_tenant: int = 20  # queued + running; more answers 429
 

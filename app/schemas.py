@@ -79,6 +79,11 @@ class JobOut(BaseModel):
         description="before/after size, parameters, sparsity, bits per weight, perplexity, "
         "latency, and wall time per stage; see the README"
     )
+    estimate: dict[str, Any] | None = Field(
+        default=None,
+        description="the pre-flight estimate made at submission: host_bytes, device_bytes and disk_bytes "
+        "at the job's peak, each with its terms (what holds the bytes); see the README",
+    )
     artifact: ArtifactOut | None
     metadata: dict[str, str]
     created_at: datetime

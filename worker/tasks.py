@@ -32,7 +32,7 @@ from app.db.session import session_scope
 from app.observability import job_id_var
 from app.services import events
 from app.services.leases import make_worker_id
-from app.specs import JobSpec
+from app.specs import JobSpec, reference_fields
 from app.storage import get_store, sha256_file
 from worker.celery_app import RUN_JOB, app
 
@@ -120,6 +120,14 @@ def memory_budget(limit: int | None):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+def _peak_rss_bytes() -> int:
+    """This process's lifetime peak resident memory (ru_maxrss, KiB on Linux): this job's, or
+    an earlier job's in the same worker process if that one used more."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _address_space_bytes() -> int | None:
     """This process's mapped address space (VmSize), or None where /proc is not there."""
     try:
@@ -132,12 +140,33 @@ def _address_space_bytes() -> int | None:
     return None
 
 
+class ExceedsWorkerMemory(Exception):
+    """The job's pre-flight estimate is more than this worker declares it gives one job."""
+
+
+def check_worker_memory(estimate: dict | None, settings) -> None:
+    """Refuse, before anything is loaded, a job whose recorded estimate exceeds the memory this
+    worker declares (``SQUEEZE_WORKER_MEMORY_BYTES``, ``SQUEEZE_WORKER_DEVICE_MEMORY_BYTES``,
+    as this process sees them): it fails with the numbers instead of being OOM-killed."""
+    for where, key, limit, setting in (
+        ("host", "host_bytes", settings.worker_memory_bytes, "SQUEEZE_WORKER_MEMORY_BYTES"),
+        ("device", "device_bytes", settings.worker_device_memory_bytes, "SQUEEZE_WORKER_DEVICE_MEMORY_BYTES"),
+    ):
+        needed = (estimate or {}).get(key)
+        if limit is not None and needed is not None and needed > limit:
+            raise ExceedsWorkerMemory(
+                f"this job needs an estimated {needed / 2**30:.2f} GiB of {where} memory at its peak, more "
+                f"than the {limit / 2**30:.2f} GiB this worker gives one job ({setting}); it was not started")
+
+
 def describe_failure(exc: BaseException, settings) -> tuple[str, str]:
     """The (type, message) a failed job reports. Running out of memory or of disk gets a name
     of its own and says which limit was hit, so a client knows what to change."""
     text = str(exc)[:2000] or repr(exc)
     out_of_memory = isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError) and any(s in text for s in ("allocate memory", "out of memory", "not enough memory")))
+    if isinstance(exc, ExceedsWorkerMemory):
+        return "exceeds_worker_memory", text
     if out_of_memory:
         limit = settings.job_memory_limit_bytes
         budget = (f" (a job may use {limit / 2**20:.0f} MiB: SQUEEZE_JOB_MEMORY_LIMIT_BYTES)" if limit else "")
@@ -259,18 +288,12 @@ class JobRunner:
             job = session.get(Job, self.job_id)
             model_row = session.get(Model, job.model_id)
             spec = JobSpec.model_validate(job.spec)
-            datasets = {
-                section: session.get(Dataset, getattr(spec, section).dataset_id)
-                for section in ("calibration", "evaluation") if getattr(spec, section) is not None
-            }
-        dataset_files = {}
-        for section, dataset in datasets.items():
-            if dataset is None:
-                raise LookupError(f"the {section} dataset was deleted before the job ran")
-            dataset_files[dataset.id] = self._dataset_path(store, dataset)
+            estimate = job.estimate
+            files = self._resolve_references(session, store, spec)
+        check_worker_memory(estimate, self.settings)  # before anything is loaded
         started = time.monotonic()
         out_dir, metrics = compress(store.path("models", model_row.id), spec, staging,
-                                    device=self.settings.device, hooks=_TaskHooks(self, store, dataset_files))
+                                    device=self.settings.device, hooks=_TaskHooks(self, files))
 
         tar_path = staging / "artifact.tar"
         with tarfile.open(tar_path, "w") as tar:
@@ -278,6 +301,8 @@ class JobRunner:
                 tar.add(path, arcname=path.name, recursive=False)
         digest = sha256_file(tar_path)
         metrics["after"]["artifact_bytes"] = tar_path.stat().st_size
+        metrics["estimate"] = estimate
+        metrics["peak_rss_bytes"] = _peak_rss_bytes()
 
         def read_attempt() -> int:
             with session_scope() as session:
@@ -298,15 +323,19 @@ class JobRunner:
     # -- helpers ----------------------------------------------------------------------------
 
     @staticmethod
-    def _dataset_path(store, dataset: Dataset) -> Path:
-        return store.path("datasets", dataset.id) / dataset.filename
-
-    def _dataset_file(self, store, dataset_id: str) -> Path:
-        with session_scope() as session:
-            dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise LookupError(f"dataset {dataset_id!r} was deleted before the job ran")
-        return self._dataset_path(store, dataset)
+    def _resolve_references(session, store, spec: JobSpec) -> dict[tuple[str, str], Path]:
+        """Every object the spec names (``app.specs.reference_fields``), as a path in the store:
+        ``{("dataset", id): text file, ("model", id): checkpoint folder}``. One the job cannot
+        find fails it here, naming the field, before any work."""
+        rows = {"dataset": Dataset, "model": Model}
+        files: dict[tuple[str, str], Path] = {}
+        for ref in reference_fields(spec):
+            row = session.get(rows[ref.kind], ref.id)
+            if row is None:
+                raise LookupError(f"{ref.path}: {ref.kind} {ref.id!r} was deleted before the job ran")
+            files[ref.kind, ref.id] = (store.path("datasets", row.id) / row.filename if ref.kind == "dataset"
+                                       else store.path("models", row.id))
+        return files
 
     def _write_progress(self, name, stage_index, progress, keep_stage: bool = False) -> None:
         self._last_progress_write = time.monotonic()
@@ -355,8 +384,8 @@ class _TaskHooks:
     events and cancel checks go through the database, dataset and model ids become folders of
     the store."""
 
-    def __init__(self, runner: JobRunner, store, dataset_files: dict[str, Path]):
-        self.runner, self.store, self.dataset_files = runner, store, dataset_files
+    def __init__(self, runner: JobRunner, files: dict[tuple[str, str], Path]):
+        self.runner, self.files = runner, files
 
     def phase_started(self, name: str, stage_index: int | None, progress: float) -> None:
         self.runner._write_progress(name, stage_index, progress)
@@ -372,10 +401,9 @@ class _TaskHooks:
     def should_cancel(self) -> bool:
         return self.runner._should_cancel()
 
+    # The spec's references were resolved when the job started; the engine asks for no other.
     def dataset_file(self, dataset_id: str) -> Path:
-        if dataset_id in self.dataset_files:
-            return self.dataset_files[dataset_id]
-        return self.runner._dataset_file(self.store, dataset_id)
+        return self.files["dataset", dataset_id]
 
     def model_dir(self, model_id: str) -> Path:
-        return self.store.path("models", model_id)
+        return self.files["model", model_id]

@@ -36,7 +36,8 @@ def job_out(job: Job, request: Request) -> dict:
         "id": job.id, "model_id": job.model_id, "status": job.status, "stage": job.stage_name,
         "stage_index": job.stage_index, "progress": job.progress,
         "cancel_requested": job.cancel_requested, "attempts": job.attempts, "spec": job.spec,
-        "error": error, "metrics": job.metrics, "artifact": artifact, "metadata": job.metadata_ or {},
+        "error": error, "metrics": job.metrics, "estimate": job.estimate, "artifact": artifact,
+        "metadata": job.metadata_ or {},
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
     }
 

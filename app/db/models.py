@@ -129,6 +129,8 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(50), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # The pre-flight estimate of peak host / device memory and disk (app/services/estimate.py).
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     artifact_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

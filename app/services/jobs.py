@@ -6,18 +6,21 @@ worker that gets a message for a job that is no longer queued simply drops it.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from sqlalchemy.orm import Session
 
 from app.db import repositories
-from app.db.models import Job, JobStatus, Model, new_id, utcnow
-from app.config import get_settings
+from app.db.models import Dataset, Job, JobStatus, Model, new_id, utcnow
+from app.config import Settings, get_settings
 from app.errors import APIError, Conflict, NotFound, TooManyRequests
 from app.services import events
 from app.services.datasets import get_dataset
+from app.services.estimate import JobEstimate, ModelFacts, estimate_job
 from app.services.models import get_model
 from app.specs import JobSpec, reference_fields
+from app.storage import get_store
 
 log = logging.getLogger("squeeze.jobs")
 
@@ -28,7 +31,9 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
     if repositories.active_job_count(session, tenant_id) >= limit:
         raise TooManyRequests(f"at most {limit} queued or running jobs per tenant; wait for some to finish")
     try:
-        _check_references(session, tenant_id, spec, model)
+        named = _check_references(session, tenant_id, spec, model)
+        estimate = _estimate(spec, named)
+        _check_fits(estimate, get_settings(), spec)
     except APIError:
         session.rollback()  # let go of the locks taken on the objects checked so far
         raise
@@ -40,6 +45,7 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
         webhook_events=spec.webhook.events if spec.webhook else None,
         webhook_secret=spec.webhook.secret if spec.webhook else None,
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
+        estimate=estimate.as_json(),
     )
     session.add(job)
     events.record(session, job, "status", "job queued", status=JobStatus.QUEUED.value)
@@ -48,20 +54,72 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
     return job
 
 
-def _check_references(session: Session, tenant_id: str, spec: JobSpec, model: Model) -> None:
+def _check_references(session: Session, tenant_id: str, spec: JobSpec, model: Model) -> dict[str, Model | Dataset]:
     """Every object the spec names (each ``DatasetRef`` / ``ModelRef`` field, wherever it is)
     must exist in this tenant when the job is accepted: otherwise a 404 that names the field,
-    e.g. ``stages.1.teacher_model_id``. Text is tokenized with the job model's tokenizer."""
+    e.g. ``stages.1.teacher_model_id``. Text is tokenized with the job model's tokenizer.
+    Returns the rows found, by id."""
     lookups = {"dataset": get_dataset, "model": get_model}
+    found: dict[str, Model | Dataset] = {}
     for ref in reference_fields(spec):
         # Locked until the job is committed: a deletion of the object waits for it (or we for the deletion).
-        lookups[ref.kind](session, tenant_id, ref.id, param=ref.path, lock="share")
+        found[ref.id] = lookups[ref.kind](session, tenant_id, ref.id, param=ref.path, lock="share")
         if ref.kind == "dataset" and not model.has_tokenizer:
             raise APIError(
                 f"model {model.id!r} was uploaded without tokenizer files, so the text of {ref.path} "
                 "cannot be tokenized; upload it again with tokenizer.json",
                 param=ref.path,
             )
+    return found
+
+
+def _estimate(spec: JobSpec, named: dict[str, Model | Dataset]) -> JobEstimate:
+    """The job's pre-flight estimate, from the rows it names and each model's config.json."""
+    models = {id_: ModelFacts.from_row(row, _read_config(row)) for id_, row in named.items() if isinstance(row, Model)}
+    datasets = {id_: row.size_bytes for id_, row in named.items() if isinstance(row, Dataset)}
+    return estimate_job(spec, models, datasets, process_bytes=get_settings().worker_process_bytes)
+
+
+def _read_config(model: Model) -> dict:
+    """The model's config.json (validated at upload); empty if it cannot be read, and the
+    estimate then assumes a shape from the parameter count."""
+    try:
+        config = json.loads((get_store().path("models", model.id) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+# The spec field a client changes to shrink each term of the estimate.
+_TERM_PARAMS = {"stage": "stages", "student_weights": "stages", "text": "stages",
+                "evaluation": "evaluation", "evaluation_tokens": "evaluation"}
+
+
+def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> None:
+    """A 422 for a job whose estimated peak exceeds what a worker declares it gives one job
+    (``SQUEEZE_WORKER_MEMORY_BYTES``, ``SQUEEZE_WORKER_DEVICE_MEMORY_BYTES``); its message
+    names both numbers and the largest term, its ``param`` the field that term follows."""
+    for where, needed, limit, setting in (
+        ("host", estimate.host_bytes, settings.worker_memory_bytes, "SQUEEZE_WORKER_MEMORY_BYTES"),
+        ("device", estimate.device_bytes, settings.worker_device_memory_bytes, "SQUEEZE_WORKER_DEVICE_MEMORY_BYTES"),
+    ):
+        if limit is None or needed <= limit:
+            continue
+        term, size = estimate.dominant(where)
+        param = _TERM_PARAMS.get(term, "model_id")
+        if param == "evaluation" and spec.evaluation is None:
+            param = "model_id"
+        raise APIError(
+            f"this job needs an estimated {gib(needed)} of {where} memory at its peak, more than the "
+            f"{gib(limit)} a worker gives one job ({setting}); the largest part is {term} ({gib(size)}). "
+            "A smaller model, fewer calibration samples, a shorter seq_len or a smaller batch_size needs less.",
+            param=param, status_code=422,
+        )
+
+
+def gib(count: int) -> str:
+    """``"9.61 GiB"``: how estimates and limits are written in messages."""
+    return f"{count / 2**30:.2f} GiB"
 
 
 def enqueue(session: Session, job: Job) -> bool:

@@ -46,6 +46,7 @@ class ServiceStack:
                     # never stalls a live upload this long.
                     "SQUEEZE_BODY_IDLE_TIMEOUT_S": "10", **env}
         self.embedded_launcher = embedded_launcher
+        self.worker_env: dict[str, str] = {}  # for the workers only (what each declares), see start_worker
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
         self._dropdb: str | None = None
@@ -53,8 +54,10 @@ class ServiceStack:
     # -- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def postgres_redis(cls, workdir: Path, broker_url: str = REDIS_URL, **settings: str) -> "ServiceStack":
-        """PostgreSQL (a fresh database) and Redis; ``settings`` are extra SQUEEZE_* values."""
+    def postgres_redis(cls, workdir: Path, broker_url: str = REDIS_URL, worker_settings: dict[str, str] | None = None,
+                       **settings: str) -> "ServiceStack":
+        """PostgreSQL (a fresh database) and Redis; ``settings`` are extra SQUEEZE_* values,
+        ``worker_settings`` SQUEEZE_* values the workers see and the API does not."""
         import psycopg
 
         database = f"squeeze_test_{secrets.token_hex(4)}"
@@ -69,6 +72,7 @@ class ServiceStack:
             **{f"SQUEEZE_{key.upper()}": value for key, value in settings.items()},
         })
         stack._dropdb = database
+        stack.worker_env = {f"SQUEEZE_{key.upper()}": value for key, value in (worker_settings or {}).items()}
         return stack
 
     @classmethod
@@ -81,18 +85,21 @@ class ServiceStack:
 
     # -- processes ------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("ab")  # a restarted process adds to its log
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.processes.append((name, proc))
         return proc
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", **settings: str) -> subprocess.Popen:
+        """A Celery worker; ``settings`` are SQUEEZE_* values for it alone (over ``worker_env``),
+        e.g. ``start_worker(worker_memory_bytes="1000")``."""
+        env = {**self.env, **self.worker_env, **{f"SQUEEZE_{key.upper()}": value for key, value in settings.items()}}
         return self._spawn(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
                                   "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
                                   "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
-                                  "--hostname", f"{name}-{secrets.token_hex(3)}@%h"])
+                                  "--hostname", f"{name}-{secrets.token_hex(3)}@%h"], env=env)
 
     def job_process(self) -> int:
         """The pid of the process that runs jobs: the worker's prefork child (concurrency 1),

@@ -1,0 +1,443 @@
+"""The pre-flight estimate: how much host memory, device memory and disk a job will need at
+its peak, computed at submission from the model's config.json, its checkpoint's size and the
+spec, before anything is loaded. It is an upper bound on what the engine uses *as it is today*
+(``worker/engine``): each term below says what it counts, and the constants that follow the
+engine's choices are named, so that a change of the engine is a change of one number here.
+
+A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 5632)::
+
+    facts = ModelFacts(num_parameters=720_000_000, size_bytes=1_440_000_000, dtype="bfloat16",
+                       config={"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
+                               "intermediate_size": 5632, "num_attention_heads": 32,
+                               "num_key_value_heads": 4, "vocab_size": 32000})
+    spec = JobSpec.model_validate({"model_id": "mdl_1", "stages": [{"type": "quantize", "method": "gptq"}],
+                                   "calibration": {"dataset_id": "ds_1", "samples": 16, "seq_len": 256}})
+    estimate = estimate_job(spec, {"mdl_1": facts}, {"ds_1": 50_000_000})
+    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 9.6 GB, 4.0 GB, 0.9 GB
+    estimate.as_json()["host"]["terms"]      # {"process": ..., "weights": 2_880_000_000, ...}
+
+The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
+GPU worker's host memory; the device figure is what a GPU worker needs on its device. The
+peak is the largest of the job's phases (``load``, ``work``, ``reload``), each a sum of the
+terms alive in it; the terms are:
+
+- ``process``: the worker process itself (Python, torch, transformers), ``process_bytes``.
+- ``checkpoint_mapped``: the checkpoint's files, memory-mapped while they are read.
+- ``weights``: the model as the engine holds it, ``num_parameters x weight_bytes_per_parameter``.
+- ``load_copy``: a second copy of the weights while they are converted to the engine's dtype.
+- ``compression_state``: what stages leave for later ones and the export: keep-masks (a byte
+  per weight of the decoder blocks' layers) and quantized integers with their scales.
+- ``text``: a dataset read and tokenized (its text, several bytes per character, and the
+  token lists), for the largest dataset the job reads.
+- ``evaluation``: the evaluation's token ids and one window's forward pass (logits included).
+- ``layer_work``: the float32 temporaries of compressing the largest layer; for GPTQ and
+  SparseGPT also the inverse-Hessian work of the widest input.
+- ``calibration``: the calibration activations of one block boundary (every sample), the
+  Hessians of one block, and one sample's forward pass.
+- ``distillation``: teacher, an uploaded student, gradients, AdamW's two moments, the best
+  student kept, activations for ``batch_size x seq_len`` through every layer, and the logits.
+- ``export``: the artifact's tensors converted and serialized before they are written.
+- ``artifact_mapped`` / ``artifact_weights``: the artifact read back, for the ``after`` numbers.
+- ``forward``: one sequence's forward pass (the latency measurement, the evaluation windows).
+- ``device_runtime``: the CUDA context and library workspaces (device only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from app.specs import CalibrationSpec, DistillKD, JobSpec, QuantizeDynamicInt8
+
+GiB = 1024**3
+MiB = 1024**2
+
+# -- What the engine does today: each constant names one of its choices. -------------------
+
+# worker/engine/loading.py loads every checkpoint as float32, whatever its dtype: a weight
+# costs max(its dtype's size, this). When loading keeps the checkpoint's dtype, set it to 0.
+ENGINE_LOAD_DTYPE_BYTES = 4
+# from_pretrained converting the dtype holds the converted tensors beside the source ones.
+LOAD_COPIES = 1.0
+# Activations, Hessians and the per-layer work are float32.
+FLOAT32 = 4
+# Temporaries per weight of the layer being compressed (float32 copies, sort values and int64
+# indices, masks, the dequantized copy): the largest of the methods' needs, generously.
+LAYER_WORK_BYTES_PER_WEIGHT = 24
+# GPTQ / SparseGPT: the Hessian copy, its Cholesky factor, the inverse, its factor, the working
+# factor and a spare, each ``inputs x inputs`` float32.
+SWEEP_SQUARE_MATRICES = 6
+# Bytes per stored quantized weight and per group of them (float32 scale + int8 zero point).
+QUANTIZED_BYTES_PER_WEIGHT = 1  # the integers are kept as int8 until the export packs them
+QUANTIZED_BYTES_PER_GROUP = FLOAT32 + 1
+# A dataset in memory, per byte of its file: the bytes read, the decoded text (up to four bytes
+# a character) and the joined copy that is tokenized.
+TEXT_BYTES_PER_FILE_BYTE = 9
+# Per token tokenized: the Python list of ids and of the attention mask, the tokenizer's own
+# encoding (ids, offsets, token strings) and the int64 tensor.
+TOKENIZED_BYTES_PER_TOKEN = 160
+# Distillation: floats per token of each layer kept for the backward pass, as multiples of the
+# hidden and MLP widths (norms, projections, residuals, the MLP's intermediate tensors).
+TRAINING_HIDDEN_FLOATS = 16
+TRAINING_MLP_FLOATS = 8
+# Tensors the size of the logits alive during a distillation step (student and teacher logits,
+# their float32 tempered copies, log-probabilities, the KL, the gradient, the LM loss's own).
+TRAINING_LOGIT_COPIES = 12
+# Tensors the size of the logits in an evaluation window (logits, float copy, log-softmax).
+EVALUATION_LOGIT_COPIES = 3
+# CUDA context, cuBLAS workspaces, allocator slack: on the device only.
+DEVICE_RUNTIME_BYTES = 1 * GiB
+# Tokens calibration and distillation read at least (worker/engine/calibration.py, distill/train.py).
+CALIBRATION_TOKENS_PER_WINDOW = 16
+MIN_TOKENS_READ = 1 << 20
+# Artifact files beside the weights (config.json, the safetensors headers and index).
+ARTIFACT_SLACK_BYTES = 1 * MiB
+TAR_SLACK_BYTES = 1 * MiB  # a tar's member headers, padding and end blocks
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1,
+               "float8_e4m3fn": 1, "float8_e5m2": 1, "int32": 4, "int64": 8}
+
+
+def weight_bytes_per_parameter(dtype: str) -> int:
+    """What one weight costs in the engine's memory: the checkpoint's dtype, widened to the
+    dtype the engine loads in (``ENGINE_LOAD_DTYPE_BYTES``). ``"bfloat16"`` gives 4 today."""
+    return max(DTYPE_BYTES.get(dtype, 4), ENGINE_LOAD_DTYPE_BYTES)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate reads of a model: its row's numbers and its parsed config.json (an
+    empty dict when it is unknown: the shape is then assumed from the parameter count)."""
+
+    num_parameters: int
+    size_bytes: int
+    dtype: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    other_files_bytes: int = 0  # tokenizer and config files, copied into the artifact
+
+    @classmethod
+    def from_row(cls, model, config: Mapping[str, Any] | None) -> "ModelFacts":
+        """From an ``app.db.models.Model`` row and its config.json."""
+        other = sum(int(f.get("size_bytes", 0)) for f in (model.files or [])
+                    if not str(f.get("name", "")).endswith(".safetensors"))
+        return cls(model.num_parameters, model.size_bytes, model.dtype, dict(config or {}), other)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder that the memory depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    context: int
+    mlp_matrices: int  # 3 for a gated MLP (Llama), 2 otherwise
+    assumed: bool  # True when config.json gave no sizes
+
+    @property
+    def query_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def attention_weights_per_layer(self) -> int:
+        return self.hidden * (self.query_width + 2 * self.kv_heads * self.head_dim) + self.query_width * self.hidden
+
+    @property
+    def largest_layer_weights(self) -> int:
+        # GPT-2 fuses q, k and v in one layer: counted fused, which bounds the separate ones.
+        return max(self.hidden * (self.query_width + 2 * self.kv_heads * self.head_dim),
+                   self.hidden * self.intermediate, self.query_width * self.hidden)
+
+    @property
+    def widest_input(self) -> int:
+        return max(self.hidden, self.intermediate, self.query_width)
+
+    def block_linear_parameters(self, num_parameters: int) -> int:
+        """Weights of the layers inside the decoder blocks (the ones stages compress)."""
+        per_layer = self.attention_weights_per_layer + self.mlp_matrices * self.hidden * self.intermediate
+        return min(num_parameters, self.layers * per_layer)
+
+
+_GATED_MLP = frozenset({"llama", "mistral", "qwen2"})
+
+
+def model_shape(facts: ModelFacts) -> Shape:
+    """The sizes in config.json, under any of the names GPT-2, Llama and OPT give them."""
+    config = facts.config
+
+    def first(*keys: str) -> int | None:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    if hidden is None:  # no config: a square-ish model of this many parameters
+        hidden = max(64, math.isqrt(max(facts.num_parameters, 1)))
+        heads = max(1, hidden // 64)
+        return Shape(hidden=hidden, layers=max(1, facts.num_parameters // (12 * hidden * hidden)), heads=heads,
+                     kv_heads=heads, head_dim=hidden // heads, intermediate=4 * hidden,
+                     vocab=max(1, facts.num_parameters // hidden), context=2048, mlp_matrices=3, assumed=True)
+    heads = first("num_attention_heads", "n_head") or max(1, hidden // 64)
+    head_dim = first("head_dim") or max(1, hidden // heads)
+    kv_heads = 1 if config.get("multi_query") else (first("num_key_value_heads") or heads)
+    return Shape(
+        hidden=hidden,
+        layers=first("num_hidden_layers", "n_layer", "num_layers") or 1,
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        intermediate=first("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden,
+        vocab=first("vocab_size") or 50257,
+        context=first("max_position_embeddings", "n_positions", "n_ctx") or 2048,
+        mlp_matrices=3 if config.get("model_type") in _GATED_MLP else 2,
+        assumed=False,
+    )
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: int
+    on_device: bool  # also resident on the compute device when that is a GPU
+
+
+@dataclass
+class JobEstimate:
+    """The estimate of one job: the peaks, and every term with the phase it belongs to."""
+
+    host_bytes: int
+    device_bytes: int
+    disk_bytes: int
+    host_phase: str  # the phase whose sum is the host peak
+    phases: dict[str, list[Term]]
+    disk_terms: dict[str, int]
+    assumptions: dict[str, Any]
+
+    def host_terms(self) -> dict[str, int]:
+        return {term.name: term.bytes for term in self.phases[self.host_phase]}
+
+    def device_terms(self) -> dict[str, int]:
+        phase = max(self.phases, key=lambda name: _device_sum(self.phases[name]))
+        return {term.name: term.bytes for term in self.phases[phase] if term.on_device} | {
+            "device_runtime": DEVICE_RUNTIME_BYTES}
+
+    def dominant(self, where: str = "host") -> tuple[str, int]:
+        """The largest term of the host (or device) peak: ``("weights", 2_880_000_000)``."""
+        terms = self.host_terms() if where == "host" else self.device_terms()
+        return max(terms.items(), key=lambda item: item[1])
+
+    def as_json(self) -> dict[str, Any]:
+        """What the job records (``job.estimate``) and its report repeats."""
+        return {
+            "host_bytes": self.host_bytes,
+            "device_bytes": self.device_bytes,
+            "disk_bytes": self.disk_bytes,
+            "host": {"phase": self.host_phase, "terms": self.host_terms()},
+            "device": {"terms": self.device_terms()},
+            "disk": {"terms": dict(self.disk_terms)},
+            "assumptions": dict(self.assumptions),
+        }
+
+
+def _device_sum(terms: list[Term]) -> int:
+    return sum(term.bytes for term in terms if term.on_device)
+
+
+def estimate_job(
+    spec: JobSpec,
+    models: Mapping[str, ModelFacts],
+    dataset_bytes: Mapping[str, int] | None = None,
+    *,
+    process_bytes: int = GiB,
+) -> JobEstimate:
+    """The peak host memory, device memory and disk of running ``spec``.
+
+    ``models`` holds the facts of every model the spec names (the job's model, a teacher, a
+    student) by id; ``dataset_bytes`` the size of each dataset file it names (a dataset left
+    out counts its tokens only); ``process_bytes`` is the worker process's own footprint.
+    """
+    dataset_bytes = dataset_bytes or {}
+    facts = models[spec.model_id]
+    shape = model_shape(facts)
+    params = facts.num_parameters
+    weight_bytes = weight_bytes_per_parameter(facts.dtype)
+    linear = shape.block_linear_parameters(params)
+    prunes = [s for s in spec.stages if s.type == "prune"]
+    quantizes = [s for s in spec.stages if s.type == "quantize"]
+    distills = [s for s in spec.stages if isinstance(s, DistillKD)]
+
+    # The model that comes out: an uploaded student replaces the job's model.
+    out_facts = next((models[s.student_model_id] for s in distills if s.student_model_id), facts)
+    out_shape = model_shape(out_facts)
+    out_params = out_facts.num_parameters
+    out_linear = out_shape.block_linear_parameters(out_params)
+    out_weight_bytes = weight_bytes_per_parameter(out_facts.dtype)
+
+    state = 0
+    if prunes:
+        state += linear  # one bool per weight: the keep-masks
+    if quantizes:
+        group = min((s.group_size or shape.hidden) if hasattr(s, "group_size") else shape.hidden for s in quantizes)
+        state += linear * QUANTIZED_BYTES_PER_WEIGHT + math.ceil(linear / group) * QUANTIZED_BYTES_PER_GROUP
+
+    artifact = _artifact_weights_bytes(spec, out_params, out_linear, out_weight_bytes, out_shape)
+
+    eval_window = 0
+    evaluation_bytes = 0
+    if spec.evaluation:
+        eval_window = spec.evaluation.seq_len or min(shape.context, 1024)
+        evaluation_bytes = spec.evaluation.max_tokens * 8 + _forward_bytes(shape, 1, eval_window)
+    latency = _forward_bytes(shape, 1, min(128, shape.context))
+
+    texts = [_text_bytes(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
+             if spec.evaluation else 0]
+    if spec.calibration:
+        wanted = max(CALIBRATION_TOKENS_PER_WINDOW * spec.calibration.samples * spec.calibration.seq_len,
+                     MIN_TOKENS_READ)
+        texts.append(_text_bytes(dataset_bytes.get(spec.calibration.dataset_id), wanted))
+    for stage in distills:
+        wanted = math.ceil(max(2 * stage.steps * stage.batch_size * stage.seq_len, MIN_TOKENS_READ) / 0.9)
+        texts.append(_text_bytes(dataset_bytes.get(stage.dataset_id), wanted))
+
+    # One stage runs at a time: the largest stage's needs (on the device, but for a teacher's
+    # file mapped while it loads: counted there too, which only over-states the device).
+    stage_work = 0
+    for stage in spec.stages:
+        if isinstance(stage, DistillKD):
+            stage_work = max(stage_work, _distillation_bytes(stage, facts, models))
+            continue
+        work = shape.largest_layer_weights * LAYER_WORK_BYTES_PER_WEIGHT
+        if stage.method in ("gptq", "sparsegpt"):
+            work += SWEEP_SQUARE_MATRICES * shape.widest_input**2 * FLOAT32
+        if stage.requires_calibration:
+            work += _calibration_bytes(spec.calibration, shape, stage.method)
+        stage_work = max(stage_work, work)
+    export = artifact + out_params * out_weight_bytes
+    evaluation_tokens = spec.evaluation.max_tokens * 8 if spec.evaluation else 0
+    student_weights = sum(models[s.student_model_id].num_parameters * weight_bytes_per_parameter(
+        models[s.student_model_id].dtype) for s in distills if s.student_model_id)
+    reloaded = out_params * weight_bytes_per_parameter("float32")  # read back dequantized, as float32
+
+    phases = {
+        "load": [Term("process", process_bytes, False),
+                 Term("checkpoint_mapped", facts.size_bytes, False),
+                 Term("weights", params * weight_bytes, True),
+                 Term("load_copy", int(LOAD_COPIES * params * weight_bytes), False)],
+        "work": [Term("process", process_bytes, False),
+                 Term("weights", params * weight_bytes, True),
+                 Term("student_weights", student_weights, True),
+                 Term("compression_state", state, True),
+                 Term("evaluation_tokens", evaluation_tokens, False),
+                 # These follow one another: only the largest counts.
+                 _largest([Term("text", max(texts), False),
+                           Term("evaluation", evaluation_bytes, True),
+                           Term("forward", latency, True),
+                           Term("stage", stage_work, True),
+                           Term("export", export, False)])],
+        "reload": [Term("process", process_bytes, False),
+                   Term("compression_state", state, True),
+                   Term("artifact_mapped", artifact, False),
+                   Term("artifact_weights", reloaded, True),
+                   Term("load_copy", int(LOAD_COPIES * reloaded), False),
+                   Term("evaluation_tokens", evaluation_tokens, False),
+                   Term("forward", max(evaluation_bytes, latency), True)],
+    }
+    phases = {name: [term for term in terms if term.bytes] for name, terms in phases.items()}
+    host_phase = max(phases, key=lambda name: sum(term.bytes for term in phases[name]))
+    device = max(_device_sum(terms) for terms in phases.values())
+
+    artifact_folder = artifact + out_facts.other_files_bytes + ARTIFACT_SLACK_BYTES
+    disk_terms = {"artifact": artifact_folder, "artifact_tar": artifact_folder + TAR_SLACK_BYTES}
+    return JobEstimate(
+        host_bytes=sum(term.bytes for term in phases[host_phase]),
+        device_bytes=device + DEVICE_RUNTIME_BYTES,
+        disk_bytes=sum(disk_terms.values()),
+        host_phase=host_phase,
+        phases=phases,
+        disk_terms=disk_terms,
+        assumptions={"weight_bytes_per_parameter": weight_bytes, "config_read": not shape.assumed,
+                     "process_bytes": process_bytes},
+    )
+
+
+def _largest(terms: list[Term]) -> Term:
+    return max(terms, key=lambda term: term.bytes)
+
+
+def _artifact_weights_bytes(spec: JobSpec, params: int, linear: int, weight_bytes: int, shape: Shape) -> int:
+    """The artifact's weights: dense in the engine's dtype, or the decoder layers' integers
+    (int8, or int4 packed) with their scales and the rest dense (compressed-tensors)."""
+    quantizes = [s for s in spec.stages if s.type == "quantize"]
+    dense = params * weight_bytes + ARTIFACT_SLACK_BYTES
+    if not quantizes or spec.output.format == "dense":
+        return dense
+    bits = max(8 if isinstance(s, QuantizeDynamicInt8) else s.bits for s in quantizes)
+    group = min(getattr(s, "group_size", None) or shape.hidden for s in quantizes)
+    quantized = math.ceil(linear * bits / 8) + math.ceil(linear / group) * QUANTIZED_BYTES_PER_GROUP
+    return min(dense, quantized + (params - linear) * weight_bytes + ARTIFACT_SLACK_BYTES)
+
+
+def _forward_bytes(shape: Shape, batch: int, tokens: int, logits: bool = True) -> int:
+    """One forward pass without gradients: a block's transient tensors (eager attention scores
+    and probabilities, the MLP's intermediates, the projections) and the logits."""
+    per_token = (6 * shape.hidden + 3 * shape.intermediate
+                 + 3 * (shape.query_width + 2 * shape.kv_heads * shape.head_dim)) * FLOAT32
+    attention = 2 * shape.heads * tokens * tokens * FLOAT32
+    head = EVALUATION_LOGIT_COPIES * tokens * shape.vocab * FLOAT32 if logits else 0
+    return batch * (tokens * per_token + attention + head)
+
+
+def _calibration_bytes(calibration: CalibrationSpec | None, shape: Shape, method: str) -> int:
+    """Block-by-block calibration: every sample's hidden states at one block boundary (plus
+    one replaced at a time), each sample's call arguments (a [T, T] mask, rotary tables), one
+    block's Hessians, one sample through the block. Structured pruning runs the whole model
+    per sample instead (logits included)."""
+    if calibration is None:
+        return 0
+    samples, tokens = calibration.samples, calibration.seq_len
+    boundary = (samples + 1) * tokens * shape.hidden * FLOAT32
+    arguments = samples * (tokens * tokens * FLOAT32 + 2 * tokens * shape.head_dim * FLOAT32 + tokens * 8)
+    ids = samples * tokens * 8
+    hessians = 0
+    if method in ("gptq", "sparsegpt"):
+        hessians = (3 * shape.hidden**2 + shape.query_width**2 + shape.intermediate**2) * FLOAT32
+    elif method == "wanda":
+        hessians = (3 * shape.hidden + shape.query_width + shape.intermediate) * FLOAT32
+    return boundary + arguments + ids + hessians + _forward_bytes(shape, 1, tokens, logits=method == "structured")
+
+
+def _distillation_bytes(stage: DistillKD, facts: ModelFacts, models: Mapping[str, ModelFacts]) -> int:
+    """A distillation step: the teacher (loaded fresh, its file mapped while it loads), the
+    student's gradients, AdamW's two moments and two kept copies (the best student, and the
+    next best while it replaces it), activations through every layer for the backward pass,
+    and the logits of both models with their loss temporaries."""
+    teacher = models[stage.teacher_model_id] if stage.teacher_model_id else facts
+    student = models[stage.student_model_id] if stage.student_model_id else facts
+    teacher_shape, student_shape = model_shape(teacher), model_shape(student)
+    student_bytes = student.num_parameters * weight_bytes_per_parameter(student.dtype)
+    teacher_bytes = teacher.num_parameters * weight_bytes_per_parameter(teacher.dtype)
+    tokens = stage.batch_size * stage.seq_len
+    per_layer = ((TRAINING_HIDDEN_FLOATS * student_shape.hidden + TRAINING_MLP_FLOATS * student_shape.intermediate)
+                 * FLOAT32 + 2 * student_shape.heads * stage.seq_len * FLOAT32)
+    activations = tokens * per_layer * student_shape.layers
+    logits = TRAINING_LOGIT_COPIES * tokens * max(student_shape.vocab, teacher_shape.vocab) * FLOAT32
+    hidden_states = 0
+    if stage.hidden_loss_weight > 0:
+        hidden_states = 2 * tokens * FLOAT32 * ((student_shape.layers + 1) * student_shape.hidden
+                                                + (teacher_shape.layers + 1) * teacher_shape.hidden)
+    teacher_forward = _forward_bytes(teacher_shape, stage.batch_size, stage.seq_len, logits=False)
+    return (teacher.size_bytes + teacher_bytes + 4 * student_bytes + activations + logits + hidden_states
+            + teacher_forward)
+
+
+def _text_bytes(file_bytes: int | None, tokens_wanted: int) -> int:
+    """A dataset read whole and tokenized up to ``tokens_wanted`` (never more tokens than it
+    has bytes of text)."""
+    if file_bytes is None:
+        return tokens_wanted * TOKENIZED_BYTES_PER_TOKEN
+    return TEXT_BYTES_PER_FILE_BYTE * file_bytes + min(tokens_wanted, file_bytes) * TOKENIZED_BYTES_PER_TOKEN
