@@ -321,7 +321,7 @@ def estimate_job(
     evaluation_tokens = spec.evaluation.max_tokens * 8 if spec.evaluation else 0
     student_weights = sum(models[s.student_model_id].num_parameters * weight_bytes_per_parameter(
         models[s.student_model_id].dtype) for s in distills if s.student_model_id)
-    reloaded = out_params * weight_bytes_per_parameter("float32")  # read back dequantized, as float32
+    reloaded = out_params * out_weight_bytes  # read back dequantized, loaded as any checkpoint is
 
     phases = {
         "load": [Term("process", process_bytes, False),
