@@ -382,16 +382,22 @@ def preflight_estimate(model_dir: Path, parameters: int, method: str, train_text
 # The table
 
 
-def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folder_bytes: int, floor: dict, idle_mib: float,
-          results: dict[str, dict], theirs: dict[str, dict], estimates: dict[str, float | None]) -> str:
+def report_table(report: dict[str, Any]) -> str:
+    return table(Shape(**report["shape"]), report["parameters"], report["checkpoint_bytes"],
+                 report["checkpoint_folder_bytes"], report["floor"], report["idle_rss_mib"], report["results"],
+                 report["llmcompressor"], report["estimates"])
+
+
+def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folder_bytes: int, floor: dict,
+          idle_mib: float, results: dict[str, dict], theirs: dict[str, dict], estimates: dict[str, Any]) -> str:
     gb = checkpoint_bytes / 1e9
     lines = [f"### Llama {shape.label()}: {parameters / 1e9:.3f} B parameters, bf16 checkpoint {gb:.2f} GB",
              "", f"Floor (read {floor['read_s']:.2f} s + write a copy {floor['write_s']:.2f} s): "
              f"**{floor['floor_s']:.2f} s**. Idle process (Python + torch + transformers + engine): "
              f"**{idle_mib:.0f} MiB**.", "",
              "| method | side | load s | compress s | write s | l+c+w s | job s | × floor | × llm-compressor "
-             "| peak RSS MiB | above idle MiB | above idle / ckpt | estimate MiB | artifact GB | × ckpt | tensors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| peak RSS MiB | peak in | above idle MiB | above idle / ckpt | estimate MiB | artifact GB | × ckpt | tensors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for method, ours in results.items():
         other = theirs.get(method, {})
         their_total = (other["load_s"] + other["compress_s"] + other["save_s"]) if other.get("status") == "ok" else None
@@ -399,7 +405,7 @@ def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folde
             if not result:
                 continue
             if result.get("status") != "ok":
-                lines.append(f"| {method} | {side} | {result.get('status')}: {result.get('reason', '')[:160]} |" + " |" * 13)
+                lines.append(f"| {method} | {side} | {result.get('status')}: {result.get('reason', '')[:160]} |" + " |" * 14)
                 continue
             if side == "squeeze":
                 load, work, write, job = result["load_s"], result["compress_s"], result["write_s"], f"{result['job_s']:.1f}"
@@ -416,10 +422,15 @@ def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folde
             tensors = dtype_text(artifact["dtypes"]) + (f"; MLP zeros {zeros:.2f}" if zeros is not None else "")
             lines.append(
                 f"| {method} | {side} | {load:.1f} | {work:.1f} | {write:.1f} | {total:.1f} | {job} "
-                f"| {total / floor['floor_s']:.1f} | {versus} | {result['peak_rss_mib']:.0f} | {above:.0f} "
+                f"| {total / floor['floor_s']:.1f} | {versus} | {result['peak_rss_mib']:.0f} | {peak_phase(result)} | {above:.0f} "
                 f"| {above * 2**20 / checkpoint_bytes:.2f} | {estimate_text} | {artifact['bytes'] / 1e9:.3f} "
                 f"| {artifact['bytes'] / checkpoint_folder_bytes:.2f} | {tensors} |")
     return "\n".join(lines)
+
+
+def peak_phase(result: dict[str, Any]) -> str:
+    phases = result.get("phases")
+    return max(phases, key=lambda phase: phase["peak_rss_mib"])["phase"] if phases else "–"
 
 
 def _estimate_text(estimate: dict[str, Any] | None, peak_mib: float) -> str:
@@ -450,6 +461,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="the engine's device: auto, cpu, cuda:N")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="only print the table of an earlier --json report")
     parser.add_argument("--_method", help=argparse.SUPPRESS)  # a method's subprocess
     args = parser.parse_args(argv)
     args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -473,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
         (Path(job.work_dir) / "result.json").write_text(json.dumps(result, default=str))
         return
 
+    if args.table:
+        print(report_table(json.loads(args.table.read_text())))
+        return
     started = time.monotonic()
     cache = args.cache_dir.resolve()
     settings = replace(QUICK if args.quick else FULL, calibration_samples=CALIBRATION_SAMPLES, calibration_seq_len=CALIBRATION_SEQ_LEN)
@@ -519,8 +534,7 @@ def main(argv: list[str] | None = None) -> None:
             theirs = run_llmcompressor(method, model_dir, inputs_path, work)
             report["llmcompressor"][method] = did_nothing(theirs, result) or theirs
         quality.write_report(args.json, report)  # as it goes
-    print(table(shape, parameters, checkpoint_bytes, report["checkpoint_folder_bytes"], floor, idle["peak_rss_mib"], report["results"],
-                report["llmcompressor"], report["estimates"]) + "\n", flush=True)
+    print(report_table(report) + "\n", flush=True)
     log(f"done in {(time.monotonic() - started) / 60:.1f} min")
 
 
