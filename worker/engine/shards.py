@@ -1,9 +1,9 @@
 """Writing a checkpoint's weights one tensor at a time, as safetensors shards.
 
-A ``ShardWriter`` takes tensors as they are computed and writes them in files of at most
-``max_shard_bytes`` (the whole file, its JSON header included), holding only the tensors of the
-shard being filled: a 70 B model is written with one shard's worth of host memory. When it is
-closed the files get the names ``transformers`` gives them and, when there are several, the
+A ``ShardWriter`` takes tensors as they are computed and writes each to its shard file at
+once, so it holds none: a 70 B model is written with one tensor's worth of host memory. A shard
+is at most ``max_shard_bytes`` (the whole file, its JSON header included). When it is closed
+the files get the names ``transformers`` gives them and, when there are several, the
 ``model.safetensors.index.json`` that ``from_pretrained`` reads::
 
     with ShardWriter(Path("artifact"), max_shard_bytes=5 * 10**9) as writer:
@@ -13,6 +13,15 @@ closed the files get the names ``transformers`` gives them and, when there are s
     # artifact/model-00001-of-00003.safetensors ...      + model.safetensors.index.json
     #   {"metadata": {"total_size": <tensor bytes>}, "weight_map": {name: file}}
 
+A safetensors file is ``[8-byte header length][JSON header][tensor data]``, and the header,
+which lists every tensor's offsets, comes first. So each shard starts with room for the header
+(``header_room``: 1/64 of a shard, at most 1 MiB), the data is appended behind it, and the header is
+written into that room when the shard is complete, padded with spaces (the format allows
+trailing spaces). A header that outgrows its room (over ~10 000 tensors in a shard), or a shard
+so small that the room would be over 1 % of it, is written to a new file followed by a copy of
+the data. Tensors are stored in the order they arrive
+(the format needs no alignment; ``safe_open`` reads any).
+
 A tensor larger than ``max_shard_bytes`` cannot be split: it gets a file of its own (as
 ``save_pretrained`` does).
 """
@@ -20,24 +29,33 @@ A tensor larger than ``max_shard_bytes`` cannot be split: it gets a file of its 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from app.checkpoints.names import INDEX_FILE
+from app.safetensors_header import TORCH_DTYPE_NAMES
 
 SINGLE_FILE = "model.safetensors"
 _METADATA = {"format": "pt"}  # transformers reads a file without it as another framework's
-
-# The longest dtype name safetensors writes ("F8_E4M3", "F8_E5M2", ...).
-_LONGEST_DTYPE = "F8_E4M3"
+_SAFETENSORS_DTYPES = {getattr(torch, name): code for code, name in TORCH_DTYPE_NAMES.items()}
+_LONGEST_DTYPE = max(TORCH_DTYPE_NAMES, key=len)
 
 
 def shard_file_name(index: int, count: int) -> str:
     """``model-00002-of-00005.safetensors``: shard ``index`` (1-based) of ``count``."""
     return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def header_room(max_shard_bytes: int) -> int:
+    """The bytes kept at the start of a shard for its header: 1/64 of a shard within
+    [4 KiB, 1 MiB], at most 1/8 of a (tiny) shard, a multiple of 8 so that the data starts
+    aligned."""
+    return min(max(max_shard_bytes // 64, 4096), 1 << 20, max_shard_bytes // 8) // 8 * 8
 
 
 class ShardWriter:
@@ -50,44 +68,46 @@ class ShardWriter:
         self._created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0  # the file the pending tensors make, header included (bound)
-        self._pending_data = 0  # their tensor bytes
+        self._room = header_room(max_shard_bytes)
+        self._file: BinaryIO | None = None  # the shard being filled
+        self._entries: dict[str, dict] = {}  # its header entries
+        self._header_bound = 0  # an upper bound on its header's bytes, padding included
+        self._data_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []  # temporary file, its tensors
         self._names: set[str] = set()
         self.total_size = 0  # tensor bytes, what the index's metadata reports
-        self.peak_pending_bytes = 0  # the most tensor data held at once, for tests and reports
         self.files: list[Path] = []  # set by close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` under ``name``; the current shard is written first when it would
-        not fit. The tensor is moved to the host and made contiguous here: the caller may drop
-        its own reference."""
+        """Write ``tensor`` under ``name``, in the current shard or, when it would make that
+        file too large, in a new one. Nothing is kept: the caller may drop the tensor."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} was already written")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: safetensors has no dtype {tensor.dtype}")
         self._names.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
         size = _tensor_bytes(tensor)
         entry = _header_entry_bound(name, tensor, self.max_shard_bytes)
-        if self._pending and self._pending_bytes + entry + size > self.max_shard_bytes:
-            self._flush()
-        if not self._pending:
-            self._pending_bytes = _header_base_bound()
-        self._pending[name] = tensor
-        self._pending_bytes += entry + size
-        self._pending_data += size
+        if self._entries and self._file_bound(entry, size) > self.max_shard_bytes:
+            self._finish_shard()
+        if self._file is None:
+            self._start_shard()
+        assert self._file is not None
+        self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._data_bytes, self._data_bytes + size]}
+        self._header_bound += entry
+        self._data_bytes += size
         self.total_size += size
-        self.peak_pending_bytes = max(self.peak_pending_bytes, self._pending_data)
 
     def close(self) -> list[Path]:
-        """Write the last shard, name the files and write the index; return the files."""
+        """Complete the last shard, name the files and write the index; return the files."""
         if self.files:
             return self.files
-        self._flush()
-        if not self._written:  # no tensor at all: still a valid, empty checkpoint file
-            save_file({}, self.out_dir / SINGLE_FILE, metadata=_METADATA)
-            self.files = [self.out_dir / SINGLE_FILE]
-            return self.files
+        if self._file is None and not self._written:  # no tensor at all: one empty file
+            self._start_shard()
+        self._finish_shard()
         count = len(self._written)
         names = [SINGLE_FILE] if count == 1 else [shard_file_name(i, count) for i in range(1, count + 1)]
         weight_map = {}
@@ -101,13 +121,16 @@ class ShardWriter:
         return self.files
 
     def abort(self) -> None:
-        """Drop what was queued and delete the files written so far (and the folder, if this
-        writer made it and nothing else is in it)."""
-        self._pending.clear()
+        """Delete the files written so far (and the folder, if this writer made it and nothing
+        else is in it)."""
+        if self._file is not None:
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+            self._file = None
         for temporary, _ in self._written:
             temporary.unlink(missing_ok=True)
         self._written.clear()
-        if self._created_dir and not any(self.out_dir.iterdir()):
+        if self._created_dir and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
             self.out_dir.rmdir()
 
     def __enter__(self) -> ShardWriter:
@@ -120,15 +143,43 @@ class ShardWriter:
         else:
             self.abort()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
+    def _file_bound(self, entry: int, size: int) -> int:
+        """An upper bound on the current shard's file size with one more tensor."""
+        return 8 + max(self._room, self._header_bound + entry) + self._data_bytes + size
+
+    def _start_shard(self) -> None:
         # A name that is not *.safetensors until close(): nothing reads a half-written artifact.
-        temporary = self.out_dir / f".shard-{len(self._written) + 1:05d}.partial"
-        save_file(self._pending, temporary, metadata=_METADATA)
-        self._written.append((temporary, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = self._pending_data = 0
+        path = self.out_dir / f".shard-{len(self._written) + 1:05d}.partial"
+        self._file = open(path, "wb")
+        self._file.write(b"\0" * (8 + self._room))  # the header's room, filled in at the end
+        self._entries = {}
+        self._header_bound = _header_base_bound()
+        self._data_bytes = 0
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        path = Path(file.name)
+        header = json.dumps({"__metadata__": _METADATA, **self._entries}, separators=(",", ":")).encode()
+        unused = self._room - len(header)
+        if 0 <= unused and unused * 100 <= self._data_bytes:
+            file.seek(0)
+            file.write(struct.pack("<Q", self._room) + header.ljust(self._room, b" "))
+            file.close()
+        else:
+            # The header outgrew its room (rare), or the room would be over 1 % of a small
+            # shard: a new file with the header as long as it needs, the data copied behind it
+            # (at most ~100 times the room: cheap).
+            file.close()
+            header = header.ljust(-(-len(header) // 8) * 8, b" ")
+            compact = path.with_suffix(".compact")
+            with open(path, "rb") as source, open(compact, "wb") as target:
+                target.write(struct.pack("<Q", len(header)) + header)
+                source.seek(8 + self._room)
+                shutil.copyfileobj(source, target, 16 << 20)
+            compact.replace(path)
+        self._written.append((path, list(self._entries)))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -136,9 +187,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def _header_base_bound() -> int:
-    """The bytes of a safetensors file that are not tensor entries: the 8-byte header length,
-    ``{"__metadata__":{...}}`` and up to 7 bytes of padding."""
-    return 8 + len(json.dumps({"__metadata__": _METADATA}, separators=(",", ":"))) + 7
+    """The header's bytes besides the tensor entries: ``{"__metadata__":{...}}`` and up to 7
+    bytes of padding."""
+    return len(json.dumps({"__metadata__": _METADATA}, separators=(",", ":"))) + 7
 
 
 def _header_entry_bound(name: str, tensor: torch.Tensor, max_offset: int) -> int:

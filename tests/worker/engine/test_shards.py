@@ -1,6 +1,7 @@
 """Shards written one tensor at a time: sizes, names, the index, and from_pretrained reading them."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -58,18 +59,19 @@ def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
     assert read_all(tmp_path).keys() == tensors.keys()
 
 
-def test_the_limit_is_exact_and_a_larger_tensor_is_alone(tmp_path):
-    # Four tensors of 1000 bytes: whether two fit in one file depends on the header bytes too.
-    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(4)}
-    with ShardWriter(tmp_path / "pairs", 2200) as writer:  # two tensors + a header fit, not three
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
-    sizes = sorted(f.stat().st_size for f in (tmp_path / "pairs").glob("*.safetensors"))
-    assert len(sizes) == 2 and all(size <= 2200 for size in sizes)
-    with ShardWriter(tmp_path / "tight", sizes[0] - 1) as writer:  # one byte short: one each
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
-    assert len(list((tmp_path / "tight").glob("*.safetensors"))) == 4
+def test_no_file_exceeds_the_limit_and_a_larger_tensor_is_alone(tmp_path):
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(4)}  # 1000 bytes each
+    for limit in range(1000, 5000, 100):
+        folder = tmp_path / str(limit)
+        with ShardWriter(folder, limit) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+        written = read_all(folder)
+        assert all(torch.equal(written[name], tensor) for name, tensor in tensors.items())
+        for path in folder.glob("*.safetensors"):  # over the limit only when one tensor is
+            with safe_open(path, "pt") as file:
+                assert path.stat().st_size <= limit or len(file.keys()) == 1, limit
+    assert len(list((tmp_path / "4900").glob("*.safetensors"))) == 1
 
     with ShardWriter(tmp_path / "big", 500) as writer:
         writer.add("small", torch.zeros(10))
@@ -79,11 +81,23 @@ def test_the_limit_is_exact_and_a_larger_tensor_is_alone(tmp_path):
     assert len(set(weight_map.values())) == 3
 
 
-def test_at_most_one_shard_is_held(tmp_path):
-    with ShardWriter(tmp_path, 5000) as writer:
-        for i in range(20):
-            writer.add(f"t{i}", torch.zeros(300))  # 1200 bytes each: three fit in a shard
-    assert writer.peak_pending_bytes == 3 * 1200
+def test_nothing_is_held_once_written(tmp_path):
+    with ShardWriter(tmp_path, 10**6) as writer:
+        tensor = torch.zeros(300)
+        written = weakref.ref(tensor)
+        writer.add("t", tensor)
+        del tensor
+        assert written() is None  # already in the file, not kept
+
+
+def test_a_header_larger_than_its_room_still_makes_a_valid_file(tmp_path):
+    tensors = {f"a_rather_long_tensor_name_{i:04d}": torch.full((2,), float(i)) for i in range(300)}
+    with ShardWriter(tmp_path, 10**6) as writer:  # 300 entries: ~27 KB of header, 15 KB of room
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    assert [f.name for f in tmp_path.iterdir()] == ["model.safetensors"]
+    written = read_all(tmp_path)
+    assert all(torch.equal(written[name], tensor) for name, tensor in tensors.items())
 
 
 def test_a_failure_leaves_no_weights_file(tmp_path):
