@@ -13,8 +13,10 @@ A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 563
     spec = JobSpec.model_validate({"model_id": "mdl_1", "stages": [{"type": "quantize", "method": "gptq"}],
                                    "calibration": {"dataset_id": "ds_1", "samples": 16, "seq_len": 256}})
     estimate = estimate_job(spec, {"mdl_1": facts}, {"ds_1": 50_000_000})
-    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 9.6 GB, 4.0 GB, 0.9 GB
-    estimate.as_json()["host"]["terms"]      # {"process": ..., "weights": 2_880_000_000, ...}
+    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 8.3 GB, 4.8 GB, 0.9 GB
+    estimate.as_json()["host"]      # {"phase": "load", "terms": {"process": 1073741824,
+                                    #  "checkpoint_mapped": 1440000000, "weights": 2880000000,
+                                    #  "load_copy": 2880000000}}
 
 The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
 GPU worker's host memory; the device figure is what a GPU worker needs on its device. The
@@ -282,16 +284,14 @@ def estimate_job(
     if prunes:
         state += linear  # one bool per weight: the keep-masks
     if quantizes:
-        group = min((s.group_size or shape.hidden) if hasattr(s, "group_size") else shape.hidden for s in quantizes)
+        group = min(getattr(s, "group_size", None) or shape.hidden for s in quantizes)
         state += linear * QUANTIZED_BYTES_PER_WEIGHT + math.ceil(linear / group) * QUANTIZED_BYTES_PER_GROUP
 
     artifact = _artifact_weights_bytes(spec, out_params, out_linear, out_weight_bytes, out_shape)
 
-    eval_window = 0
-    evaluation_bytes = 0
+    evaluation_bytes = 0  # one window's forward pass; the token ids are a term of their own
     if spec.evaluation:
-        eval_window = spec.evaluation.seq_len or min(shape.context, 1024)
-        evaluation_bytes = spec.evaluation.max_tokens * 8 + _forward_bytes(shape, 1, eval_window)
+        evaluation_bytes = _forward_bytes(shape, 1, spec.evaluation.seq_len or min(shape.context, 1024))
     latency = _forward_bytes(shape, 1, min(128, shape.context))
 
     texts = [_text_bytes(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
