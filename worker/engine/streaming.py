@@ -2,9 +2,9 @@
 
 Random and magnitude pruning, RTN and dynamic int8 need nothing but each weight itself, so a
 job made only of them never builds the model: the checkpoint's safetensors are read one tensor
-at a time (``safe_open``, in the checkpoint's dtype), each compressible weight goes through
-every stage in turn, and the result is written as it comes, in shards
-(``shards.ShardWriter``): host memory is one shard being filled plus one layer::
+at a time (at the offsets their headers give, in the checkpoint's dtype), each compressible
+weight goes through every stage in turn, and the result is written as it comes, in shards
+(``shards.ShardWriter``): host memory is one layer, as read and as written::
 
     reason = streaming_refusal(source_dir, spec)          # None: the job can stream
     stage_metrics, export_info = compress_streaming(source_dir, spec, out_dir, ctx)
@@ -28,19 +28,20 @@ says why a job does not.
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 from pydantic import BaseModel
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedModel
 
 from app.checkpoints.names import INDEX_FILE
+from app.safetensors_header import TORCH_DTYPE_NAMES, TensorEntry, read_header
 from app.specs import JobSpec, PruneMagnitude, PruneRandom, QuantizeDynamicInt8, QuantizeRTN, stage_name
 from worker.engine import export
 from worker.engine.loading import checkpoint_dtype
@@ -151,16 +152,19 @@ class _Source:
         self._files = ExitStack()
         index_file = folder / INDEX_FILE
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
         elif (folder / "model.safetensors").is_file():
-            weight_map = None
+            files = ["model.safetensors"]
         else:
             raise ValueError("no model.safetensors or model.safetensors.index.json")
-        handles = {}
-        for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
-            handles[file] = self._files.enter_context(safe_open(folder / file, framework="pt"))
-        self._where = ({name: handles[file] for name, file in weight_map.items()} if weight_map
-                       else dict.fromkeys(handles["model.safetensors"].keys(), handles["model.safetensors"]))
+        # Where each tensor's bytes are: its file, the entry (dtype, shape, offsets in the data).
+        self._where: dict[str, tuple[BinaryIO, int, TensorEntry]] = {}
+        for file in files:
+            path = folder / file
+            header = read_header(path, max_header_bytes=path.stat().st_size)
+            handle = self._files.enter_context(open(path, "rb", buffering=0))
+            for name, entry in header.tensors.items():
+                self._where[name] = (handle, 8 + header.header_size, entry)
         self.dtype = checkpoint_dtype(folder)
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
@@ -191,14 +195,28 @@ class _Source:
         if set(self._where) != set(self.expected):
             return "the checkpoint's tensor names are not the model's"
         for name, tensor in self.expected.items():
-            stored = self._where[name].get_slice(name).get_shape()
+            stored = self._where[name][2].shape
             if list(stored) != list(tensor.shape):
                 return f"{name} is stored as {list(stored)}, the model has {list(tensor.shape)}"
         return None
 
     def read(self, name: str) -> torch.Tensor:
-        """The stored tensor, in the dtype the model in memory would hold it."""
-        tensor = self._where[name].get_tensor(name)
+        """The stored tensor, in the dtype the model in memory would hold it.
+
+        Read with plain positioned reads into a tensor of its own rather than through
+        ``safe_open``'s memory map: a mapped page once touched stays in the process's resident
+        memory until the file is closed, so mapping would make the whole checkpoint resident
+        by the end of the pass."""
+        handle, data_start, entry = self._where[name]
+        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        buffer, done = raw.numpy(), 0
+        while done < len(buffer):  # one read() returns at most ~2 GiB
+            got = os.preadv(handle.fileno(), [buffer[done:]], data_start + entry.begin + done)
+            if got <= 0:
+                raise OSError(f"{name}: the checkpoint ends inside the tensor")
+            done += got
+        stored = getattr(torch, TORCH_DTYPE_NAMES[entry.dtype])
+        tensor = raw.view(stored).reshape(entry.shape)
         wanted = self.expected[name].dtype
         return tensor.to(wanted) if tensor.is_floating_point() and tensor.dtype != wanted else tensor
 
