@@ -80,22 +80,25 @@ def quantize_rtn(
     size = group_size or columns
     n_groups = math.ceil(columns / size)
     # Padding with zeros changes neither a group's absmax nor its 0-containing range.
-    groups = F.pad(weight, (0, n_groups * size - columns)).view(rows, n_groups, size)
+    padding = n_groups * size - columns
+    groups = (F.pad(weight, (0, padding)) if padding else weight).reshape(rows, n_groups, size)
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
+    # Both ends of each group, without an |w| temporary (amin and amax are cheap, a weight-sized
+    # allocation is not: the temporaries below are updated in place).
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     if symmetric:
-        scale = _stored(groups.abs().amax(dim=-1) / q_max, scale_dtype)
+        scale = _stored(torch.maximum(-low, high) / q_max, scale_dtype)  # the absmax
         zero_point = None
     else:
-        low = groups.amin(dim=-1).clamp(max=0.0)
-        high = groups.amax(dim=-1).clamp(min=0.0)
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
         scale = _stored((high - low) / (q_max - q_min), scale_dtype)
         zero_point = torch.round(q_min - low / scale).clamp(q_min, q_max)
 
-    shifted = torch.round(groups / scale.unsqueeze(-1))
+    shifted = (groups / scale.unsqueeze(-1)).round_()
     if zero_point is not None:
-        shifted = shifted + zero_point.unsqueeze(-1)
-    q = shifted.clamp(q_min, q_max).view(rows, n_groups * size)[:, :columns]
+        shifted += zero_point.unsqueeze(-1)
+    q = shifted.clamp_(q_min, q_max).view(rows, n_groups * size)[:, :columns]
     return QuantizedWeight(
         q=q.to(torch.int8).contiguous(),
         scale=scale.to(scale_dtype),
@@ -117,10 +120,10 @@ def dequantize(quantized: QuantizedWeight) -> torch.Tensor:
     as compressed-tensors so that a client loading the artifact gets identical values (exact in
     float32: a 9-bit integer times a bfloat16 or float16 scale; rounded once, to the model's
     dtype, when it becomes the layer's weight, as compressed-tensors rounds its product)."""
-    values = quantized.q.to(torch.float32)
+    values = quantized.q.to(torch.float32)  # a new tensor: updated in place below
     if quantized.zero_point is not None:
-        values = values - quantized.per_element(quantized.zero_point).to(torch.float32)
-    return values * quantized.per_element(quantized.scale.float())
+        values -= quantized.per_element(quantized.zero_point).to(torch.float32)
+    return values.mul_(quantized.per_element(quantized.scale.float()))
 
 
 @register(QuantizeRTN)
@@ -143,7 +146,8 @@ def quantize_layer(layer: WeightLayer, config: QuantizeRTN, ctx: EngineContext) 
         # Zeros already quantize to exactly 0; this makes it certain for any later method.
         quantized = quantized.masked(keep)
     dequantized = dequantize(quantized)
-    max_abs_error = float((weight.float() - dequantized).abs().max())
+    error = torch.sub(weight.float(), dequantized)
+    max_abs_error = max(0.0, -float(error.min()), float(error.max()))  # |error|.max(), no |error|
     layer.set_weight(dequantized)
     ctx.quantized[layer.name] = quantized
     return max_abs_error
