@@ -216,6 +216,7 @@ class JobEstimate:
     device_bytes: int
     disk_bytes: int
     host_phase: str  # the phase whose sum is the host peak
+    largest_stage: int  # the index in spec.stages of the stage that needs the most (the ``stage`` term)
     phases: dict[str, list[Term]]
     disk_terms: dict[str, int]
     assumptions: dict[str, Any]
@@ -239,7 +240,7 @@ class JobEstimate:
             "host_bytes": self.host_bytes,
             "device_bytes": self.device_bytes,
             "disk_bytes": self.disk_bytes,
-            "host": {"phase": self.host_phase, "terms": self.host_terms()},
+            "host": {"phase": self.host_phase, "terms": self.host_terms(), "largest_stage": self.largest_stage},
             "device": {"terms": self.device_terms()},
             "disk": {"terms": dict(self.disk_terms)},
             "assumptions": dict(self.assumptions),
@@ -306,17 +307,9 @@ def estimate_job(
 
     # One stage runs at a time: the largest stage's needs (on the device, but for a teacher's
     # file mapped while it loads: counted there too, which only over-states the device).
-    stage_work = 0
-    for stage in spec.stages:
-        if isinstance(stage, DistillKD):
-            stage_work = max(stage_work, _distillation_bytes(stage, facts, models))
-            continue
-        work = shape.largest_layer_weights * LAYER_WORK_BYTES_PER_WEIGHT
-        if stage.method in ("gptq", "sparsegpt"):
-            work += SWEEP_SQUARE_MATRICES * shape.widest_input**2 * FLOAT32
-        if stage.requires_calibration:
-            work += _calibration_bytes(spec.calibration, shape, stage.method)
-        stage_work = max(stage_work, work)
+    stage_works = [_stage_bytes(stage, spec.calibration, facts, shape, models) for stage in spec.stages]
+    stage_work = max(stage_works)
+    largest_stage = stage_works.index(stage_work)
     export = artifact + out_params * out_weight_bytes
     evaluation_tokens = spec.evaluation.max_tokens * 8 if spec.evaluation else 0
     student_weights = sum(models[s.student_model_id].num_parameters * weight_bytes_per_parameter(
@@ -358,11 +351,25 @@ def estimate_job(
         device_bytes=device + DEVICE_RUNTIME_BYTES,
         disk_bytes=sum(disk_terms.values()),
         host_phase=host_phase,
+        largest_stage=largest_stage,
         phases=phases,
         disk_terms=disk_terms,
         assumptions={"weight_bytes_per_parameter": weight_bytes, "config_read": not shape.assumed,
                      "process_bytes": process_bytes},
     )
+
+
+def _stage_bytes(stage, calibration: CalibrationSpec | None, facts: ModelFacts, shape: Shape,
+                 models: Mapping[str, ModelFacts]) -> int:
+    """What one stage needs while it runs, beyond the model and the compression state."""
+    if isinstance(stage, DistillKD):
+        return _distillation_bytes(stage, facts, models)
+    work = shape.largest_layer_weights * LAYER_WORK_BYTES_PER_WEIGHT
+    if stage.method in ("gptq", "sparsegpt"):
+        work += SWEEP_SQUARE_MATRICES * shape.widest_input**2 * FLOAT32
+    if stage.requires_calibration:
+        work += _calibration_bytes(calibration, shape, stage.method)
+    return work
 
 
 def _largest(terms: list[Term]) -> Term:

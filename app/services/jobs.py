@@ -107,7 +107,9 @@ def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> Non
             continue
         term, size = estimate.dominant(where)
         param = _TERM_PARAMS.get(term, "model_id")
-        if param == "evaluation" and spec.evaluation is None:
+        if term == "stage":
+            param = f"stages.{estimate.largest_stage}"
+        elif param == "evaluation" and spec.evaluation is None:
             param = "model_id"
         raise APIError(
             f"this job needs an estimated {gib(needed)} of {where} memory at its peak, more than the "

@@ -72,11 +72,12 @@ def test_a_job_above_the_declared_device_memory_names_the_stage_that_needs_it(wo
     db, tenant, model, dataset = world
     # A distillation step of 1024 sequences of 2048 tokens: its activations dwarf the model.
     spec = JobSpec.model_validate({"model_id": model.id, "stages": [
+        {"type": "prune", "method": "magnitude", "sparsity": 0.5},
         {"type": "distill", "method": "kd", "dataset_id": dataset.id, "batch_size": 1024, "seq_len": 2048}]})
     _declare(monkeypatch, worker_device_memory_bytes=4 * 2**30)
     with pytest.raises(APIError) as refused:
         create_job(db.session, tenant, spec)
-    assert refused.value.status_code == 422 and refused.value.param == "stages"
+    assert refused.value.status_code == 422 and refused.value.param == "stages.1"
     assert "device memory" in refused.value.message and "4.00 GiB" in refused.value.message
     assert "largest part is stage" in refused.value.message
 
