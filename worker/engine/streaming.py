@@ -286,8 +286,9 @@ class _Prune:
 
     def apply(self, layer: WeightLayer, ctx: EngineContext) -> None:
         apply_keep_mask(layer, self.keep_mask(layer.weight()), ctx)
-        self.pruned += int((~ctx.masks[layer.name]).sum())
-        self.total += ctx.masks[layer.name].numel()
+        keep = ctx.masks[layer.name]
+        self.pruned += keep.numel() - int(keep.sum())
+        self.total += keep.numel()
 
     def metrics(self, layers: int) -> dict[str, Any]:
         return sparsity_metrics(layers, self.pruned, self.total)

@@ -23,16 +23,8 @@ from worker.engine.prune.nm import nm_mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """A keep-mask that drops exactly ``round(sparsity * numel)`` weights of smallest ``|w|``
-    (of equal ones, the lowest flat index first): ``magnitude_masks([weight], sparsity)[0]``,
-    with the threshold found by one ``kthvalue`` instead of two histogram passes."""
-    magnitude = _magnitude(weight)
-    to_prune = round(sparsity * magnitude.numel())
-    if to_prune == 0:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = float(torch.kthvalue(magnitude.flatten(), to_prune).values)
-    below = int((magnitude < threshold).sum())
-    return GlobalThreshold(threshold, to_prune - below)._keep(magnitude)
+    """A keep-mask that drops exactly ``round(sparsity * numel)`` weights of smallest ``|w|``."""
+    return magnitude_masks([weight], sparsity)[0]
 
 
 def magnitude_nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -77,9 +69,7 @@ class GlobalThreshold:
         return cls(threshold=threshold, ties_to_prune=to_prune - below)
 
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._keep(_magnitude(weight))
-
-    def _keep(self, magnitude: torch.Tensor) -> torch.Tensor:
+        magnitude = _magnitude(weight)
         keep = magnitude > self.threshold
         ties = (magnitude == self.threshold).flatten().nonzero().squeeze(1)
         pruned_here = min(self.ties_to_prune, ties.numel())
