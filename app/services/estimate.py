@@ -27,21 +27,26 @@ terms alive in it; the terms are:
 - ``checkpoint_mapped``: the checkpoint's files, memory-mapped while they are read.
 - ``weights``: the model as the engine holds it, ``num_parameters x weight_bytes_per_parameter``.
 - ``load_copy``: a second copy of the weights while they are converted to the engine's dtype.
+- ``student_weights``: an uploaded student (``student_model_id``), beside the job's model.
 - ``compression_state``: what stages leave for later ones and the export: keep-masks (a byte
   per weight of the decoder blocks' layers) and quantized integers with their scales.
+- ``evaluation_tokens``: the evaluation's token ids, kept from ``before`` to ``after``.
 - ``text``: a dataset read and tokenized (its text, several bytes per character, and the
   token lists), for the largest dataset the job reads.
-- ``evaluation``: the evaluation's token ids and one window's forward pass (logits included).
-- ``layer_work``: the float32 temporaries of compressing the largest layer; for GPTQ and
-  SparseGPT also the inverse-Hessian work of the widest input.
-- ``calibration``: the calibration activations of one block boundary (every sample), the
-  Hessians of one block, and one sample's forward pass.
-- ``distillation``: teacher, an uploaded student, gradients, AdamW's two moments, the best
-  student kept, activations for ``batch_size x seq_len`` through every layer, and the logits.
+- ``evaluation`` / ``forward``: one evaluation window's / the latency measurement's forward
+  pass (eager attention scores, MLP intermediates, the logits and their log-softmax).
+- ``stage``: the stage that needs the most (``largest_stage``): the float32 temporaries of
+  compressing the largest layer; for GPTQ and SparseGPT the inverse-Hessian work of the widest
+  input; with calibration, every sample's activations at one block boundary, one block's
+  Hessians and one sample's forward pass; for distillation the teacher (its file mapped while
+  it loads), gradients, AdamW's two moments, two kept copies of the student, activations for
+  ``batch_size x seq_len`` through every layer and the logits with their loss temporaries.
 - ``export``: the artifact's tensors converted and serialized before they are written.
 - ``artifact_mapped`` / ``artifact_weights``: the artifact read back, for the ``after`` numbers.
-- ``forward``: one sequence's forward pass (the latency measurement, the evaluation windows).
 - ``device_runtime``: the CUDA context and library workspaces (device only).
+
+Of ``text``, ``evaluation``, ``forward``, ``stage`` and ``export``, which follow one another,
+only the largest counts. Disk: the artifact folder (weights, config, tokenizer files) and its tar.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ TOKENIZED_BYTES_PER_TOKEN = 160
 # hidden and MLP widths (norms, projections, residuals, the MLP's intermediate tensors).
 TRAINING_HIDDEN_FLOATS = 16
 TRAINING_MLP_FLOATS = 8
+# Copies of the student's weights a distillation holds beside it: gradients, AdamW's two
+# moments, the best student kept on the host, and the next best while it replaces it.
+TRAINING_STUDENT_COPIES = 5
 # Tensors the size of the logits alive during a distillation step (student and teacher logits,
 # their float32 tempered copies, log-probabilities, the KL, the gradient, the LM loss's own).
 TRAINING_LOGIT_COPIES = 12
@@ -438,8 +446,8 @@ def _distillation_bytes(stage: DistillKD, facts: ModelFacts, models: Mapping[str
         hidden_states = 2 * tokens * FLOAT32 * ((student_shape.layers + 1) * student_shape.hidden
                                                 + (teacher_shape.layers + 1) * teacher_shape.hidden)
     teacher_forward = _forward_bytes(teacher_shape, stage.batch_size, stage.seq_len, logits=False)
-    return (teacher.size_bytes + teacher_bytes + 4 * student_bytes + activations + logits + hidden_states
-            + teacher_forward)
+    return (teacher.size_bytes + teacher_bytes + TRAINING_STUDENT_COPIES * student_bytes + activations + logits
+            + hidden_states + teacher_forward)
 
 
 def _text_bytes(file_bytes: int | None, tokens_wanted: int) -> int:
