@@ -22,6 +22,10 @@ so small that the room would be over 1 % of it, is written to a new file followe
 the data. Tensors are stored in the order they arrive
 (the format needs no alignment; ``safe_open`` reads any).
 
+When the caller knows every tensor's name, dtype and shape beforehand (a dense artifact of a
+checkpoint: the same tensors), ``layout=`` fixes their places up front, headers written first;
+tensors may then arrive in any order and the files are laid out as the layout says.
+
 A tensor larger than ``max_shard_bytes`` cannot be split: it gets a file of its own (as
 ``save_pretrained`` does).
 """
@@ -29,11 +33,12 @@ A tensor larger than ``max_shard_bytes`` cannot be split: it gets a file of its 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import torch
 
@@ -61,7 +66,8 @@ def header_room(max_shard_bytes: int) -> int:
 class ShardWriter:
     """Safetensors shards of at most ``max_shard_bytes`` each, written as tensors arrive."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int):
+    def __init__(self, out_dir: Path, max_shard_bytes: int,
+                 layout: Sequence[tuple[str, torch.dtype, Sequence[int]]] | None = None):
         if max_shard_bytes <= 0:
             raise ValueError("max_shard_bytes must be positive")
         self.out_dir = Path(out_dir)
@@ -77,6 +83,10 @@ class ShardWriter:
         self._names: set[str] = set()
         self.total_size = 0  # tensor bytes, what the index's metadata reports
         self.files: list[Path] = []  # set by close()
+        # With a layout, every tensor's place is decided up front: name -> (file, offset, dtype, shape).
+        self._places: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
+        if layout is not None:
+            self._lay_out(layout)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` under ``name``, in the current shard or, when it would make that
@@ -87,6 +97,9 @@ class ShardWriter:
             raise ValueError(f"{name}: safetensors has no dtype {tensor.dtype}")
         self._names.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
+        if self._places:
+            self._write_in_place(name, tensor)
+            return
         size = _tensor_bytes(tensor)
         entry = _header_entry_bound(name, tensor, self.max_shard_bytes)
         if self._entries and self._file_bound(entry, size) > self.max_shard_bytes:
@@ -105,6 +118,9 @@ class ShardWriter:
         """Complete the last shard, name the files and write the index; return the files."""
         if self.files:
             return self.files
+        missing = set(self._places) - self._names
+        if missing:
+            raise ValueError(f"{len(missing)} tensors of the layout were never written, e.g. {min(missing)!r}")
         if self._file is None and not self._written:  # no tensor at all: one empty file
             self._start_shard()
         self._finish_shard()
@@ -142,6 +158,51 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+    def _lay_out(self, layout: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> None:
+        """Cut ``layout`` (name, dtype, shape, in the order the files should store them) into
+        shards and write each shard's header now: ``add`` then writes a tensor at its place,
+        in any order. A dense artifact laid out as its checkpoint has the checkpoint's header."""
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        header_bound = data_bytes = 0
+        for name, dtype, shape in layout:
+            shape = tuple(shape)
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            entry = _entry_bound(name, shape, max(self.max_shard_bytes, size))
+            if shards[-1] and 8 + header_bound + entry + data_bytes + size > self.max_shard_bytes:
+                shards.append([])
+            if not shards[-1]:
+                header_bound, data_bytes = _header_base_bound(), 0
+            shards[-1].append((name, dtype, shape, size))
+            header_bound += entry
+            data_bytes += size
+            self.total_size += size
+        for number, shard in enumerate(shards, start=1):
+            entries, offset = {}, 0
+            for name, dtype, shape, size in shard:
+                entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                 "data_offsets": [offset, offset + size]}
+                offset += size
+            header = json.dumps({"__metadata__": _METADATA, **entries}, separators=(",", ":")).encode()
+            header = header.ljust(-(-len(header) // 8) * 8, b" ")
+            path = self.out_dir / f".shard-{number:05d}.partial"
+            with open(path, "wb") as file:
+                file.write(struct.pack("<Q", len(header)) + header)
+                file.truncate(8 + len(header) + offset)
+            for name, dtype, shape, _ in shard:
+                begin = entries[name]["data_offsets"][0]
+                self._places[name] = (path, 8 + len(header) + begin, dtype, shape)
+            self._written.append((path, list(entries)))
+
+    def _write_in_place(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._places:
+            raise ValueError(f"tensor {name!r} is not in the layout")
+        path, offset, dtype, shape = self._places[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: the layout has {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        with open(path, "r+b") as file:
+            file.seek(offset)
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
     def _file_bound(self, entry: int, size: int) -> int:
         """An upper bound on the current shard's file size with one more tensor."""
@@ -193,8 +254,11 @@ def _header_base_bound() -> int:
 
 
 def _header_entry_bound(name: str, tensor: torch.Tensor, max_offset: int) -> int:
+    return _entry_bound(name, tuple(tensor.shape), max(max_offset, _tensor_bytes(tensor)))
+
+
+def _entry_bound(name: str, shape: tuple[int, ...], max_offset: int) -> int:
     """An upper bound on the header bytes of one tensor's entry (offsets at most ``max_offset``
     digits long, the longest dtype name, a separating comma)."""
-    offset = max(max_offset, _tensor_bytes(tensor))
-    entry = {name: {"dtype": _LONGEST_DTYPE, "shape": list(tensor.shape), "data_offsets": [offset, offset]}}
+    entry = {name: {"dtype": _LONGEST_DTYPE, "shape": list(shape), "data_offsets": [max_offset, max_offset]}}
     return len(json.dumps(entry, separators=(",", ":"))) + 1

@@ -100,7 +100,10 @@ def compress_streaming(
         steps = [_step(stage, index, thresholds) for index, stage in enumerate(spec.stages)]
         scheme = _scheme(spec.stages, source.layers) if fmt == "compressed-tensors" else None
         out_dir = Path(out_dir)
-        with ShardWriter(out_dir, spec.output.max_shard_bytes) as writer:
+        # A dense artifact holds the checkpoint's tensors: laid out as the checkpoint stores
+        # them, its header is the checkpoint's (no larger), whatever order they are computed in.
+        layout = source.layout() if scheme is None else None
+        with ShardWriter(out_dir, spec.output.max_shard_bytes, layout=layout) as writer:
             for name, layer in source.tensors(ctx):
                 if layer is None:
                     writer.add(name, source.read(name))
@@ -159,10 +162,12 @@ class _Source:
             raise ValueError("no model.safetensors or model.safetensors.index.json")
         # Where each tensor's bytes are: its file, the entry (dtype, shape, offsets in the data).
         self._where: dict[str, tuple[BinaryIO, int, TensorEntry]] = {}
+        self._file_order: dict[BinaryIO, int] = {}
         for file in files:
             path = folder / file
             header = read_header(path, max_header_bytes=path.stat().st_size)
             handle = self._files.enter_context(open(path, "rb", buffering=0))
+            self._file_order[handle] = len(self._file_order)
             for name, entry in header.tensors.items():
                 self._where[name] = (handle, 8 + header.header_size, entry)
         self.dtype = checkpoint_dtype(folder)
@@ -199,6 +204,12 @@ class _Source:
             if list(stored) != list(tensor.shape):
                 return f"{name} is stored as {list(stored)}, the model has {list(tensor.shape)}"
         return None
+
+    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """Every tensor as the checkpoint stores them, file after file in data order, with the
+        dtype ``read`` gives it."""
+        stored = sorted(self._where.items(), key=lambda item: (self._file_order[item[1][0]], item[1][2].begin))
+        return [(name, self.expected[name].dtype, entry.shape) for name, (_, _, entry) in stored]
 
     def read(self, name: str) -> torch.Tensor:
         """The stored tensor, in the dtype the model in memory would hold it.

@@ -6,8 +6,10 @@ import weakref
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from app.safetensors_header import read_header
 from tests.worker.conftest import tiny_llama
 from worker.engine.modules import unique_tensors
 from worker.engine.shards import INDEX_FILE, ShardWriter
@@ -114,3 +116,30 @@ def test_a_name_is_written_once(tmp_path):
     writer.add("a", torch.zeros(1))
     with pytest.raises(ValueError, match="already"):
         writer.add("a", torch.zeros(1))
+
+
+def test_a_layout_fixes_each_tensors_place_whatever_order_they_come_in(tmp_path):
+    tensors = unique_tensors(tiny_llama())
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    header = read_header(tmp_path / "reference.safetensors", max_header_bytes=10**6)
+    stored_order = sorted(header.tensors, key=lambda name: header.tensors[name].begin)
+    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in stored_order]
+
+    with ShardWriter(tmp_path / "laid_out", 10**9, layout=layout) as writer:
+        for name in reversed(list(tensors)):
+            writer.add(name, tensors[name])
+    # Byte for byte the file safetensors writes: the same header, the same data.
+    assert (tmp_path / "laid_out" / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+    with ShardWriter(tmp_path / "sharded", 100_000, layout=layout) as writer:
+        for name in reversed(list(tensors)):
+            writer.add(name, tensors[name])
+    assert len(writer.files) > 2 and all(f.stat().st_size <= 100_000 for f in writer.files)
+    written = read_all(tmp_path / "sharded")
+    assert all(torch.equal(written[name], tensor) for name, tensor in tensors.items())
+
+    writer = ShardWriter(tmp_path / "incomplete", 10**9, layout=layout)
+    with pytest.raises(ValueError, match="never written"):
+        writer.close()
+    with pytest.raises(ValueError, match="layout has"):
+        writer.add(layout[0][0], torch.zeros(1))
