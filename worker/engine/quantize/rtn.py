@@ -146,7 +146,7 @@ def quantize_layer(layer: WeightLayer, config: QuantizeRTN, ctx: EngineContext) 
         # Zeros already quantize to exactly 0; this makes it certain for any later method.
         quantized = quantized.masked(keep)
     dequantized = dequantize(quantized)
-    error = torch.sub(weight.float(), dequantized)
+    error = weight.to(torch.float32, copy=True).sub_(dequantized)  # one temporary, not two
     max_abs_error = max(0.0, -float(error.min()), float(error.max()))  # |error|.max(), no |error|
     layer.set_weight(dequantized)
     ctx.quantized[layer.name] = quantized
