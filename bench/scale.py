@@ -307,6 +307,15 @@ def _memory_budget(limit: int | None):
     return memory_budget(limit)
 
 
+def cpu_seconds_of_children() -> float:
+    """User + system CPU seconds of this process's finished children: around one child's run,
+    its CPU time, which other work on a shared machine disturbs much less than its wall time."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_in_subprocess(job: MethodJob, memory_limit: int | None) -> dict[str, Any]:
     work = Path(job.work_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -314,11 +323,13 @@ def run_in_subprocess(job: MethodJob, memory_limit: int | None) -> dict[str, Any
     env = dict(os.environ)
     if memory_limit:
         env["SQUEEZE_JOB_MEMORY_LIMIT_BYTES"] = str(memory_limit)
+    cpu = cpu_seconds_of_children()
     process = subprocess.run([sys.executable, "-m", "bench.scale", "--_method", json.dumps(asdict(job))],
                              cwd=BENCH_DIR.parent, env=env, capture_output=True, text=True)
+    cpu = cpu_seconds_of_children() - cpu
     result_path = work / "result.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        return {**json.loads(result_path.read_text()), "cpu_s": cpu}
     (work / "stderr.txt").write_text(process.stderr)
     tail = (process.stderr or process.stdout).strip().splitlines()[-3:]
     return {"status": "error", "reason": f"exit {process.returncode}: {' | '.join(tail)}"[:300]}
@@ -337,12 +348,14 @@ def run_llmcompressor(method: str, model_dir: Path, inputs_path: Path, work: Pat
     shutil.rmtree(out, ignore_errors=True)
     result_path.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_seconds_of_children()
     process = subprocess.run(
         [str(python), str(quality.LLMCOMPRESSOR_SIDE), "--model", str(model_dir), "--calibration",
          str(inputs_path), "--recipe", recipe, "--dtype", "auto", "--out", str(out), "--result", str(result_path)],
         capture_output=True, text=True)
+    cpu = cpu_seconds_of_children() - cpu
     (work / "llmcompressor" / f"{method}.log").write_text(process.stdout + process.stderr)
-    result = (json.loads(result_path.read_text()) if result_path.exists()
+    result = ({**json.loads(result_path.read_text()), "cpu_s": cpu} if result_path.exists()
               else {"status": "error", "reason": f"exit {process.returncode}"})
     if result["status"] == "ok":
         result["artifact"] = artifact_summary(out)
@@ -400,9 +413,9 @@ def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folde
              "", f"Floor (read {floor['read_s']:.2f} s + write a copy {floor['write_s']:.2f} s): "
              f"**{floor['floor_s']:.2f} s**. Idle process (Python + torch + transformers + engine): "
              f"**{idle_mib:.0f} MiB**.", "",
-             "| method | side | load s | compress s | write s | l+c+w s | job s | × floor | × llm-compressor "
+             "| method | side | load s | compress s | write s | l+c+w s | job s | × floor | × llm-compressor | process CPU s | CPU × llm-compressor "
              "| peak RSS MiB | peak in | above idle MiB | above idle / ckpt | estimate MiB | artifact GB | × ckpt | tensors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for method, ours in results.items():
         other = theirs.get(method, {})
         their_total = (other["load_s"] + other["compress_s"] + other["save_s"]) if other.get("status") == "ok" else None
@@ -410,7 +423,7 @@ def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folde
             if not result:
                 continue
             if result.get("status") != "ok":
-                lines.append(f"| {method} | {side} | {result.get('status')}: {result.get('reason', '')[:160]} |" + " |" * 14)
+                lines.append(f"| {method} | {side} | {result.get('status')}: {result.get('reason', '')[:160]} |" + " |" * 16)
                 continue
             if side == "squeeze":
                 load, work, write, job = result["load_s"], result["compress_s"], result["write_s"], f"{result['job_s']:.1f}"
@@ -422,13 +435,16 @@ def table(shape: Shape, parameters: int, checkpoint_bytes: int, checkpoint_folde
             total = load + work + write
             write_text = "(in compress)" if result.get("streamed") else f"{write:.1f}"
             versus = f"{total / their_total:.2f}" if their_total and side == "squeeze" else "–"
+            cpu, their_cpu = result.get("cpu_s"), other.get("cpu_s") if other.get("status") == "ok" else None
+            cpu_versus = f"{cpu / their_cpu:.2f}" if cpu and their_cpu and side == "squeeze" else "–"
+            cpu_text = f"{cpu:.0f}" if cpu is not None else "–"
             above = result["peak_rss_mib"] - idle
             artifact = result["artifact"]
             zeros = artifact.get("mlp_zero_fraction")
             tensors = dtype_text(artifact["dtypes"]) + (f"; MLP zeros {zeros:.2f}" if zeros is not None else "")
             lines.append(
                 f"| {method} | {side} | {load:.1f} | {work:.1f} | {write_text} | {total:.1f} | {job} "
-                f"| {total / floor['floor_s']:.1f} | {versus} | {result['peak_rss_mib']:.0f} | {peak_phase(result)} | {above:.0f} "
+                f"| {total / floor['floor_s']:.1f} | {versus} | {cpu_text} | {cpu_versus} | {result['peak_rss_mib']:.0f} | {peak_phase(result)} | {above:.0f} "
                 f"| {above * 2**20 / checkpoint_bytes:.2f} | {estimate_text} | {artifact['bytes'] / 1e9:.3f} "
                 f"| {artifact['bytes'] / checkpoint_folder_bytes:.2f} | {tensors} |")
     return "\n".join(lines)
@@ -533,11 +549,13 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  {result['load_s'] + result['compress_s'] + result['write_s']:.1f} s, peak {result['peak_rss_mib']:.0f} MiB")
         else:
             log(f"  {result['status']}: {result.get('reason')} (see {work / method / 'stderr.txt'})")
+        result["load_average"] = os.getloadavg()[0]  # the machine's, as the method ended
         report["results"][method] = result
         report["estimates"][method] = preflight_estimate(model_dir, parameters, method, train_text)
         if not args.no_llmcompressor:
             log(f"  llm-compressor {quality.ROWS_BY_NAME[method].llmcompressor}")
             theirs = run_llmcompressor(method, model_dir, inputs_path, work)
+            theirs["load_average"] = os.getloadavg()[0]
             report["llmcompressor"][method] = did_nothing(theirs, result) or theirs
         quality.write_report(args.json, report)  # as it goes
     print(report_table(report) + "\n", flush=True)
