@@ -13,10 +13,10 @@ A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 563
     spec = JobSpec.model_validate({"model_id": "mdl_1", "stages": [{"type": "quantize", "method": "gptq"}],
                                    "calibration": {"dataset_id": "ds_1", "samples": 16, "seq_len": 256}})
     estimate = estimate_job(spec, {"mdl_1": facts}, {"ds_1": 50_000_000})
-    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 8.3 GB, 4.8 GB, 0.9 GB
-    estimate.as_json()["host"]      # {"phase": "load", "terms": {"process": 1073741824,
-                                    #  "checkpoint_mapped": 1440000000, "weights": 2880000000,
-                                    #  "load_copy": 2880000000}}
+    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 6.5 GB, 3.3 GB, 0.8 GB
+    estimate.as_json()["host"]      # {"phase": "work", "largest_stage": 0, "terms": {"process": 1073741824,
+                                    #  "checkpoint_mapped": 1440000000, "weights": 1440000000,
+                                    #  "compression_state": 732168192, "export": 1851609088}}
 
 The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
 GPU worker's host memory; the device figure is what a GPU worker needs on its device. The
@@ -24,7 +24,7 @@ peak is the largest of the job's phases (``load``, ``work``, ``reload``), each a
 terms alive in it; the terms are:
 
 - ``process``: the worker process itself (Python, torch, transformers), ``process_bytes``.
-- ``checkpoint_mapped``: the checkpoint's files, memory-mapped while they are read.
+- ``checkpoint_mapped``: the checkpoint's files, memory-mapped while the model lives.
 - ``weights``: the model as the engine holds it, ``num_parameters x weight_bytes_per_parameter``.
 - ``load_copy``: a second copy of the weights while they are converted to the engine's dtype.
 - ``student_weights``: an uploaded student (``student_model_id``), beside the job's model.
@@ -62,9 +62,9 @@ MiB = 1024**2
 
 # -- What the engine does today: each constant names one of its choices. -------------------
 
-# worker/engine/loading.py loads every checkpoint as float32, whatever its dtype: a weight
-# costs max(its dtype's size, this). When loading keeps the checkpoint's dtype, set it to 0.
-ENGINE_LOAD_DTYPE_BYTES = 4
+# worker/engine/loading.py loads a checkpoint in its own dtype: a weight costs its dtype's
+# size, or at least this many bytes (4 when loading made every model float32, as it once did).
+ENGINE_LOAD_DTYPE_BYTES = 0
 # from_pretrained converting the dtype holds the converted tensors beside the source ones.
 LOAD_COPIES = 1.0
 # Activations, Hessians and the per-layer work are float32.
@@ -88,9 +88,10 @@ TOKENIZED_BYTES_PER_TOKEN = 160
 # hidden and MLP widths (norms, projections, residuals, the MLP's intermediate tensors).
 TRAINING_HIDDEN_FLOATS = 16
 TRAINING_MLP_FLOATS = 8
-# Copies of the student's weights a distillation holds beside it: gradients, AdamW's two
-# moments, the best student kept on the host, and the next best while it replaces it.
-TRAINING_STUDENT_COPIES = 5
+# Distillation trains the student in float32 (worker/engine/distill/train.py): float32 copies
+# of its weights held during training: the weights themselves, gradients, AdamW's two moments,
+# the best student kept on the host, and the next best while it replaces it.
+TRAINING_STUDENT_COPIES = 6
 # Tensors the size of the logits alive during a distillation step (student and teacher logits,
 # their float32 tempered copies, log-probabilities, the KL, the gradient, the LM loss's own).
 TRAINING_LOGIT_COPIES = 12
@@ -111,7 +112,7 @@ DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 
 
 def weight_bytes_per_parameter(dtype: str) -> int:
     """What one weight costs in the engine's memory: the checkpoint's dtype, widened to the
-    dtype the engine loads in (``ENGINE_LOAD_DTYPE_BYTES``). ``"bfloat16"`` gives 4 today."""
+    dtype the engine loads in (``ENGINE_LOAD_DTYPE_BYTES``). ``"bfloat16"`` gives 2 today."""
     return max(DTYPE_BYTES.get(dtype, 4), ENGINE_LOAD_DTYPE_BYTES)
 
 
@@ -330,6 +331,9 @@ def estimate_job(
                  Term("weights", params * weight_bytes, True),
                  Term("load_copy", int(LOAD_COPIES * params * weight_bytes), False)],
         "work": [Term("process", process_bytes, False),
+                 # Loaded in its dtype, a weight is a view of the mapped file: its pages stay
+                 # resident while the model lives, beside the copies the stages write.
+                 Term("checkpoint_mapped", facts.size_bytes, False),
                  Term("weights", params * weight_bytes, True),
                  Term("student_weights", student_weights, True),
                  Term("compression_state", state, True),
@@ -434,7 +438,7 @@ def _distillation_bytes(stage: DistillKD, facts: ModelFacts, models: Mapping[str
     teacher = models[stage.teacher_model_id] if stage.teacher_model_id else facts
     student = models[stage.student_model_id] if stage.student_model_id else facts
     teacher_shape, student_shape = model_shape(teacher), model_shape(student)
-    student_bytes = student.num_parameters * weight_bytes_per_parameter(student.dtype)
+    student_bytes = student.num_parameters * FLOAT32  # trained in float32, whatever its dtype
     teacher_bytes = teacher.num_parameters * weight_bytes_per_parameter(teacher.dtype)
     tokens = stage.batch_size * stage.seq_len
     per_layer = ((TRAINING_HIDDEN_FLOATS * student_shape.hidden + TRAINING_MLP_FLOATS * student_shape.intermediate)
