@@ -5,7 +5,8 @@ just to read the checkpoint and write a copy (issue 11)::
     nice -n 19 python -m bench.scale                              # the 0.72 B shape, four methods
     nice -n 19 python -m bench.scale --params 1e8 --methods magnitude-50,rtn-int8
     nice -n 19 python -m bench.scale --params 3e9 --methods gptq-int4-g128 --memory-limit 4294967296
-    python -m bench.scale --params 2e6 --methods rtn-int8 --no-llmcompressor      # smoke
+    python -m bench.scale --quick --params 2e6 --methods rtn-int8 --no-llmcompressor  # smoke
+    python -m bench.scale --table bench/.cache/scale.json     # the table of an earlier --json run
 
 1. **Model.** A ``LlamaForCausalLM`` of the chosen shape (default hidden 2048, 16 layers, MLP
    5632, 32 heads / 4 KV heads: 0.72 B parameters with the bench's 4096-token tokenizer, a
@@ -25,7 +26,9 @@ just to read the checkpoint and write a copy (issue 11)::
    without an evaluation section; with a calibration section (16 x 256 tokens of the training
    split, seed 0) when a stage needs one. Per phase (``load``, the stages, ``write``: the
    export's ``write_checkpoint``, ``reload``: the rest of ``compress``, which loads the artifact
-   back to measure it) it records the wall time and the peak RSS (``VmHWM``, reset at each phase).
+   back to measure it) it records the wall time and the peak RSS (``VmHWM``, reset at each phase);
+   a streamed job (data-free stages) writes during its stage. The parent records each process's
+   CPU seconds: on a shared machine they compare two sides better than wall time.
 5. **llm-compressor** (``bench/llmcompressor_side.py`` in ``bench/.venv-lc``) runs the matching
    recipe on the same checkpoint, in its dtype, with the same calibration token ids, and reports
    its load, ``oneshot`` and save times and its peak and idle RSS.
