@@ -57,7 +57,7 @@ def redis(tmp_path):
 def _long_job(client, tmp_path) -> dict:
     """A job that spends several seconds evaluating a long text: time to hurt it mid-way."""
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
-    dataset = upload_dataset(client, text=CORPUS * 15, filename="long.txt")
+    dataset = upload_dataset(client, text=CORPUS * 6, filename="long.txt")
     response = client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
         "evaluation": {"dataset_id": dataset["id"], "seq_len": 32, "stride": 8, "max_tokens": 10_000_000}})
