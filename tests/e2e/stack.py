@@ -36,6 +36,9 @@ class ServiceStack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    # One torch thread per process: the suite runs several processes on a small
+                    # machine, and two threads contending for a loaded core run many times slower.
+                    "OMP_NUM_THREADS": "1",
                     "SQUEEZE_PORT": str(self.port),
                     # Webhook retries in fractions of a second, so tests see several attempts.
                     "SQUEEZE_WEBHOOK_BACKOFF_S": "[0.3, 0.3, 0.3]",
