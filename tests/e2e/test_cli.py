@@ -108,13 +108,17 @@ def test_cli_upload_submit_watch_list_download(cli_stack, walkthrough, tmp_path)
         assert any(name.endswith("config.json") for name in tar.getnames())
 
 
-def test_cli_watch_exits_1_when_cancelled_and_reports_errors(cli_stack, walkthrough):
+def test_cli_watch_exits_1_when_cancelled_and_reports_errors(cli_stack, walkthrough, tmp_path):
     api = cli_stack.client_for(cli_stack.cli_key)
     model_id = walkthrough["model_id"]
     spec = ["jobs", "submit", str(EXAMPLE), "--model", model_id, "--dataset", walkthrough["dataset_id"]]
     first = squeeze(cli_stack, *spec).stdout.strip()
-    second = squeeze(cli_stack, *spec).stdout.strip()
-    # The one worker runs one job at a time: the second is still queued and stops at once.
+    # A job that cannot finish first, whether the cancel finds it queued behind the first one
+    # or already running (a fast worker): a million distillation steps, stopped at the next.
+    endless = tmp_path / "endless.yaml"
+    endless.write_text("stages:\n  - {type: distill, method: kd, steps: 1000000, batch_size: 2, seq_len: 32}\n")
+    second = squeeze(cli_stack, "jobs", "submit", str(endless), "--model", model_id,
+                     "--dataset", walkthrough["dataset_id"]).stdout.strip()
     cancel = squeeze(cli_stack, "jobs", "cancel", second)
     assert cancel.stdout.startswith(second)
     watched = squeeze(cli_stack, "jobs", "watch", second, "--timeout", "60", check=False)
