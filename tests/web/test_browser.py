@@ -383,12 +383,14 @@ def test_cancel_button_stops_a_job_and_the_live_view_says_so(pg_stack, page, tmp
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
     dataset = upload_dataset(client)
     # The worker runs one job at a time: B waits behind A (a slow evaluation: a window of 8
-    # tokens moved two tokens at a time), so B is queued or just started when it is cancelled.
+    # tokens moved two tokens at a time). B cannot finish before the click, queued or running
+    # (a fast worker may have started it): a million distillation steps, stopped at the next.
     slow = client.post("/v1/jobs", json={"model_id": model["id"],
                                          "stages": [{"type": "prune", "method": "magnitude", "sparsity": 0.2}],
                                          "evaluation": {"dataset_id": dataset["id"], "seq_len": 8, "stride": 2}})
-    target = client.post("/v1/jobs", json={"model_id": model["id"],
-                                           "stages": [{"type": "prune", "method": "random", "sparsity": 0.2}]})
+    target = client.post("/v1/jobs", json={"model_id": model["id"], "stages": [
+        {"type": "distill", "method": "kd", "dataset_id": dataset["id"], "steps": 1_000_000, "batch_size": 2,
+         "seq_len": 32}]})
     assert slow.status_code == 201 and target.status_code == 201
     job_id = target.json()["id"]
     page.goto(f"{pg_stack.url}/ui/")
