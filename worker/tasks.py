@@ -31,6 +31,7 @@ from app.db.models import Dataset, Job, JobStatus, Model, utcnow
 from app.db.session import session_scope
 from app.observability import job_id_var
 from app.services import events
+from app.services.estimate import declared_limits, gib
 from app.services.leases import make_worker_id
 from app.specs import JobSpec, reference_fields
 from app.storage import get_store, sha256_file
@@ -148,15 +149,12 @@ def check_worker_memory(estimate: dict | None, settings) -> None:
     """Refuse, before anything is loaded, a job whose recorded estimate exceeds the memory this
     worker declares (``SQUEEZE_WORKER_MEMORY_BYTES``, ``SQUEEZE_WORKER_DEVICE_MEMORY_BYTES``,
     as this process sees them): it fails with the numbers instead of being OOM-killed."""
-    for where, key, limit, setting in (
-        ("host", "host_bytes", settings.worker_memory_bytes, "SQUEEZE_WORKER_MEMORY_BYTES"),
-        ("device", "device_bytes", settings.worker_device_memory_bytes, "SQUEEZE_WORKER_DEVICE_MEMORY_BYTES"),
-    ):
+    for where, key, limit, setting in declared_limits(settings):
         needed = (estimate or {}).get(key)
         if limit is not None and needed is not None and needed > limit:
             raise ExceedsWorkerMemory(
-                f"this job needs an estimated {needed / 2**30:.2f} GiB of {where} memory at its peak, more "
-                f"than the {limit / 2**30:.2f} GiB this worker gives one job ({setting}); it was not started")
+                f"this job needs an estimated {gib(needed)} of {where} memory at its peak, more "
+                f"than the {gib(limit)} this worker gives one job ({setting}); it was not started")
 
 
 def describe_failure(exc: BaseException, settings) -> tuple[str, str]:

@@ -470,3 +470,15 @@ def _text_bytes(file_bytes: int | None, tokens_wanted: int) -> int:
     if file_bytes is None:
         return tokens_wanted * TOKENIZED_BYTES_PER_TOKEN
     return TEXT_BYTES_PER_FILE_BYTE * file_bytes + min(tokens_wanted, file_bytes) * TOKENIZED_BYTES_PER_TOKEN
+
+
+def declared_limits(settings) -> tuple[tuple[str, str, int | None, str], ...]:
+    """What a worker declares it gives one job, as ``(where, estimate field, bytes or None,
+    setting)``: the API refuses a job past it (422), a worker refuses one it receives anyway."""
+    return (("host", "host_bytes", settings.worker_memory_bytes, "SQUEEZE_WORKER_MEMORY_BYTES"),
+            ("device", "device_bytes", settings.worker_device_memory_bytes, "SQUEEZE_WORKER_DEVICE_MEMORY_BYTES"))
+
+
+def gib(count: int) -> str:
+    """``"9.61 GiB"``: how estimates and limits are written in messages."""
+    return f"{count / 2**30:.2f} GiB"

@@ -17,7 +17,7 @@ from app.config import Settings, get_settings
 from app.errors import APIError, Conflict, NotFound, TooManyRequests
 from app.services import events
 from app.services.datasets import get_dataset
-from app.services.estimate import JobEstimate, ModelFacts, estimate_job
+from app.services.estimate import JobEstimate, ModelFacts, declared_limits, estimate_job, gib
 from app.services.models import get_model
 from app.specs import JobSpec, reference_fields
 from app.storage import get_store
@@ -99,10 +99,8 @@ def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> Non
     """A 422 for a job whose estimated peak exceeds what a worker declares it gives one job
     (``SQUEEZE_WORKER_MEMORY_BYTES``, ``SQUEEZE_WORKER_DEVICE_MEMORY_BYTES``); its message
     names both numbers and the largest term, its ``param`` the field that term follows."""
-    for where, needed, limit, setting in (
-        ("host", estimate.host_bytes, settings.worker_memory_bytes, "SQUEEZE_WORKER_MEMORY_BYTES"),
-        ("device", estimate.device_bytes, settings.worker_device_memory_bytes, "SQUEEZE_WORKER_DEVICE_MEMORY_BYTES"),
-    ):
+    for where, key, limit, setting in declared_limits(settings):
+        needed = getattr(estimate, key)
         if limit is None or needed <= limit:
             continue
         term, size = estimate.dominant(where)
@@ -118,10 +116,6 @@ def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> Non
             param=param, status_code=422,
         )
 
-
-def gib(count: int) -> str:
-    """``"9.61 GiB"``: how estimates and limits are written in messages."""
-    return f"{count / 2**30:.2f} GiB"
 
 
 def enqueue(session: Session, job: Job) -> bool:
