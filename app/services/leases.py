@@ -66,15 +66,10 @@ def running_jobs(nodes: set[str]) -> dict[str, set[str]] | None:
         return None
     running: dict[str, set[str]] = {}
     for node, tasks in (replies or {}).items():
-        running[node] = {str(_first_arg(task)) for task in tasks or () if task.get("name") == RUN_JOB}
+        # active() is asked unsafe (the default): args come as the list run_job received.
+        running[node] = {str(task["args"][0]) for task in tasks or ()
+                         if task.get("name") == RUN_JOB and task.get("args")}
     return running
-
-
-def _first_arg(task: dict) -> object:
-    args = task.get("args") or ()
-    if isinstance(args, str):  # older Celery versions send the repr
-        return args.strip("[]()").split(",")[0].strip(" '\"")
-    return args[0] if args else None
 
 
 def reclaim_lost_jobs(session: Session, ask: RunningJobs = running_jobs) -> int:
