@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -83,10 +83,77 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 10.0
     max_active_jobs_per_tenant: int = 20  # queued + running; more answers 429
 
+    # Event streams (GET /v1/jobs/{id}/events/stream), counted per API process: past a cap a new
+    # one is a 429 with Retry-After. A stream ends after event_stream_max_s even if its job goes
+    # on; clients reopen it with Last-Event-ID and miss nothing.
+    event_streams_per_key: int = Field(default=20, ge=1)
+    event_streams_per_tenant: int = Field(default=100, ge=1)
+    event_stream_max_s: float = Field(default=3600.0, gt=0)
+
+    # Fair share, rate limits, retention (issue 12). A worker starts at most this many jobs of
+    # one tenant at once; another of its jobs waits in the queue (re-sent every
+    # fair_share_retry_s, no attempt used), so one tenant's backlog never starves another's job.
+    max_running_jobs_per_tenant: int | None = Field(default=4, ge=1, description="None: no cap")
+    fair_share_retry_s: float = Field(default=5.0, gt=0)
+    # Per API key, a token bucket: rate_limit_per_s requests a second on average, bursts of
+    # rate_limit_burst. Shared by every API replica through Redis when the broker is Redis
+    # (or rate_limit_redis_url), in process memory otherwise. 0 turns it off.
+    rate_limit_per_s: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    rate_limit_redis_url: str | None = None
+    # What a job may ask of a worker's time: calibration samples x seq_len, evaluation forward
+    # tokens (both passes, given the stride) and distillation training tokens, summed. A spec
+    # past it is a 422 at submission. None: unbounded.
+    max_job_tokens: int | None = Field(default=1_000_000_000, ge=1)
+    # Resumable uploads reserve their declared size from creation; at most this many pending.
+    max_pending_uploads_per_tenant: int = Field(default=10, ge=1)
+    # Finished jobs' events, settled webhook deliveries and idempotency records older than this
+    # are pruned by the reconciler.
+    event_retention_days: float = Field(default=30.0, gt=0)
+    webhook_delivery_retention_days: float = Field(default=30.0, gt=0)
+    idempotency_retention_days: float = Field(default=1.0, gt=0)
+
     # Webhooks: seconds to wait before each retry; after the last one the delivery is failed.
     webhook_backoff_s: list[float] = [5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600]
+    # One attempt, whole (lookup, connect, TLS, sending, the answer's status line), ends by
+    # then; it must end well before the claim lease does, after which another dispatcher retries.
     webhook_timeout_s: float = 10.0
+    webhook_lease_s: float = 60.0
     webhook_dispatcher: bool = Field(default=True, description="run the delivery thread in the API process")
+    webhook_workers: int = Field(default=8, ge=1, description="deliveries in flight per API process")
+    webhook_per_tenant: int = Field(default=2, ge=1, description="of which at most this many for one tenant")
+    # Deliveries reach only globally routable addresses, plus these networks (comma-separated
+    # CIDRs, e.g. "10.20.0.0/16,fd00::/8") for receivers inside the operator's network.
+    webhook_allowed_networks: str = ""
+    # Secrets kept to be used later (webhook signing keys) are encrypted with this key (base64 of
+    # 32 bytes, `python -m app.crypto` makes one); unset, the embedded default keeps a generated
+    # one in <var_dir>/secret.key. Retired keys, comma-separated, still decrypt (rotation).
+    secret_key: SecretStr | None = None
+    previous_secret_keys: SecretStr | None = None
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        from app.netguard import AddressPolicy
+
+        AddressPolicy.from_setting(value)  # a typo fails at start, not at the first delivery
+        return value
+
+    @field_validator("secret_key", "previous_secret_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        from app.crypto import parse_key
+
+        for key in (value.get_secret_value().split(",") if value else []):
+            parse_key(key)
+        return value
+
+    @model_validator(mode="after")
+    def _attempt_within_lease(self) -> "Settings":
+        if self.webhook_timeout_s * 2 > self.webhook_lease_s:
+            raise ValueError("webhook_timeout_s must be at most half of webhook_lease_s: an attempt still "
+                             "running when its claim runs out would be made twice")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

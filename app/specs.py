@@ -20,6 +20,8 @@ is what the submission check, deletion, the worker, the CLI and the web client's
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -455,17 +457,47 @@ WEBHOOK_EVENTS = ("job.queued", "job.running", "job.succeeded", "job.failed", "j
                   "job.stage", "job.progress", "job.metric", "job.warning", "job.error")
 
 
+WEBHOOK_URL_MAX_CHARS = 2000  # the column's size
+WEBHOOK_SECRET_MIN_BYTES, WEBHOOK_SECRET_MAX_BYTES = 16, 64
+
+
+def _webhook_url_allowed(url: AnyHttpUrl) -> AnyHttpUrl:
+    # The URL as stored (normalised: punycode, percent-escapes), which can be longer than typed.
+    if len(str(url)) > WEBHOOK_URL_MAX_CHARS:
+        raise ValueError(f"URL must be at most {WEBHOOK_URL_MAX_CHARS} characters")
+    from app.webhooks import check_submitted_url  # the dispatcher's own rule, checked at every attempt too
+
+    check_submitted_url(url)
+    return url
+
+
+def _webhook_secret_decodes(secret: str) -> str:
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError("secret must be whsec_ followed by valid base64") from None
+    if not WEBHOOK_SECRET_MIN_BYTES <= len(key) <= WEBHOOK_SECRET_MAX_BYTES:
+        raise ValueError(f"secret must encode {WEBHOOK_SECRET_MIN_BYTES} to {WEBHOOK_SECRET_MAX_BYTES} "
+                         f"bytes, this one encodes {len(key)}")
+    return secret
+
+
 class WebhookSpec(RequestModel):
     """Where to announce the job's events, signed the Standard Webhooks way: headers
     ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256 of
     "{id}.{timestamp}.{body}" keyed by the base64-decoded part of the secret after "whsec_">``.
     The secret is yours; it is stored to sign and never shown again."""
 
-    url: AnyHttpUrl
+    url: Annotated[AnyHttpUrl, AfterValidator(_webhook_url_allowed)] = Field(
+        description="http(s) URL of a receiver on a public address (an operator may allow "
+                    "listed private networks); at most 2000 characters")
     events: list[Literal[WEBHOOK_EVENTS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"], min_length=1
     )
-    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/]{22,}={0,2}$", description="whsec_ + base64 of 16+ random bytes")
+    secret: Annotated[str, AfterValidator(_webhook_secret_decodes)] = Field(
+        max_length=6 + 4 * (WEBHOOK_SECRET_MAX_BYTES + 2) // 3,
+        pattern=r"^whsec_[A-Za-z0-9+/]+={0,2}$",
+        description=f"whsec_ + base64 of {WEBHOOK_SECRET_MIN_BYTES} to {WEBHOOK_SECRET_MAX_BYTES} random bytes")
 
 
 class JobSpec(RequestModel):

@@ -16,11 +16,13 @@ from app.db.models import Dataset, Job, JobStatus, Model, new_id, utcnow
 from app.config import Settings, get_settings
 from app.errors import APIError, Conflict, NotFound, TooManyRequests
 from app.services import events
+from app.services.budget import check_compute_budget
 from app.services.datasets import get_dataset
 from app.services.estimate import JobEstimate, ModelFacts, declared_limits, estimate_job, gib
 from app.services.models import get_model
 from app.specs import JobSpec, reference_fields
 from app.storage import get_store
+from app.webhooks import seal_secret
 
 log = logging.getLogger("squeeze.jobs")
 
@@ -32,6 +34,7 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
         raise TooManyRequests(f"at most {limit} queued or running jobs per tenant; wait for some to finish")
     try:
         named = _check_references(session, tenant_id, spec, model)
+        check_compute_budget(spec, model.context_length, get_settings().max_job_tokens)
         estimate = _estimate(spec, named)
         _check_fits(estimate, get_settings(), spec)
     except APIError:
@@ -43,7 +46,7 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec) -> Job:
         spec=spec.model_dump(mode="json", exclude={"metadata", "webhook"}),
         webhook_url=str(spec.webhook.url) if spec.webhook else None,
         webhook_events=spec.webhook.events if spec.webhook else None,
-        webhook_secret=spec.webhook.secret if spec.webhook else None,
+        webhook_secret=seal_secret(spec.webhook.secret) if spec.webhook else None,  # encrypted at rest
         status=JobStatus.QUEUED.value, progress=0.0, cancel_requested=False, attempts=0,
         estimate=estimate.as_json(),
     )

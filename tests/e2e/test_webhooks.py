@@ -1,4 +1,10 @@
-"""Webhooks: signed the Standard Webhooks way, retried, every attempt recorded."""
+"""Webhooks: signed the Standard Webhooks way, retried, every attempt recorded; addresses the
+server must not reach refused at submission; secrets encrypted at rest.
+
+The receivers here are on 127.0.0.1, which only a stack whose operator allows it
+(``SQUEEZE_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8``) delivers to; the shared stack, which does not,
+refuses such URLs. The refusal at send time (a name that resolves to loopback) is proved with a
+resolver the test controls in tests/app/services/test_webhooks.py."""
 
 from __future__ import annotations
 
@@ -11,10 +17,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psycopg
+import pytest
+
 from tests.e2e.client import upload_model, wait_for
+from tests.e2e.stack import ServiceStack
 from tests.factories import make_checkpoint
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+ANY_MODEL = "mdl_0123456789abcdef0123456789abcdef"  # the body is refused before the model is looked up
 
 
 class Receiver:
@@ -48,9 +59,24 @@ def _verify(headers: dict, body: str) -> bool:
     return abs(time.time() - int(headers["webhook-timestamp"])) < 300 and expected in headers["webhook-signature"].split()
 
 
-def test_signed_deliveries_are_retried_and_recorded(pg_stack, tmp_path):
+@pytest.fixture(scope="module")
+def hook_stack(tmp_path_factory):
+    """PostgreSQL + Redis with loopback receivers allowed, as an operator would allow an
+    internal network."""
+    with ServiceStack.postgres_redis(tmp_path_factory.mktemp("webhooks"),
+                                     webhook_allowed_networks="127.0.0.0/8") as stack:
+        yield stack
+
+
+def _job(client, model_id: str, webhook: dict):
+    return client.post("/v1/jobs", json={
+        "model_id": model_id, "stages": [{"type": "prune", "method": "random", "sparsity": 0.5}],
+        "webhook": webhook})
+
+
+def test_signed_deliveries_are_retried_and_recorded(hook_stack, tmp_path):
     receiver = Receiver()
-    client = pg_stack.client
+    client = hook_stack.client
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
     job = client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
@@ -80,8 +106,8 @@ def test_signed_deliveries_are_retried_and_recorded(pg_stack, tmp_path):
     assert all(b["data"]["job_id"] == job["id"] for b in bodies)
 
 
-def test_a_receiver_that_never_answers_ends_failed(pg_stack, tmp_path):
-    client = pg_stack.client
+def test_a_receiver_that_never_answers_ends_failed(hook_stack, tmp_path):
+    client = hook_stack.client
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
     job = client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "prune", "method": "random", "sparsity": 0.5}],
@@ -94,4 +120,47 @@ def test_a_receiver_that_never_answers_ends_failed(pg_stack, tmp_path):
             break
         time.sleep(0.3)
     assert deliveries[0]["status"] == "failed" and deliveries[0]["attempts"] == 4
-    assert all(a["status_code"] is None and a["error"] for a in deliveries[0]["attempt_log"])
+    # The reason in generic words: not the socket's error text.
+    assert all(a["status_code"] is None and a["error"] == "connection failed" for a in deliveries[0]["attempt_log"])
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8000/hooks", "http://localhost:8000/", "http://hooks.localhost/", "http://[::1]/",
+    "http://169.254.169.254/latest/meta-data/", "http://[::ffff:127.0.0.1]/", "http://2130706433/",
+    "http://10.0.0.1/", "http://[fd00::1]/", "http://0.0.0.0:8000/", "http://user:pass@example.com/"])
+def test_addresses_the_server_must_not_reach_are_refused_at_submission(pg_stack, url):
+    response = _job(pg_stack.client, ANY_MODEL, {"url": url, "secret": SECRET})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "webhook.url"
+
+
+@pytest.mark.parametrize("secret, why", [
+    ("whsec_" + base64.b64encode(b"x" * 15).decode(), "15 bytes"),
+    ("whsec_" + base64.b64encode(b"x" * 65).decode(), "65 bytes"),
+    ("whsec_" + "A" * 23, "not whole base64"),
+    ("whsec_" + "A" * 5000, "longer than the column"),
+    (base64.b64encode(b"x" * 32).decode(), "no prefix"),
+])
+def test_a_secret_that_does_not_decode_to_16_to_64_bytes_is_refused(pg_stack, secret, why):
+    response = _job(pg_stack.client, ANY_MODEL, {"url": "https://hooks.example.com/", "secret": secret})
+    assert response.status_code == 422, (why, response.text)
+    assert response.json()["error"]["param"] == "webhook.secret"
+
+
+def test_a_url_longer_than_its_column_is_a_422_not_a_500(pg_stack):
+    # 1990 characters typed, over 2000 once "é" is written %C3%A9 as it is stored.
+    url = "https://hooks.example.com/" + "é" * 10 + "a" * 1954
+    response = _job(pg_stack.client, ANY_MODEL, {"url": url, "secret": SECRET})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "webhook.url"
+
+
+def test_the_secret_is_stored_encrypted(hook_stack, tmp_path):
+    model = upload_model(hook_stack.client, make_checkpoint(tmp_path / "m"))
+    job = _job(hook_stack.client, model["id"], {"url": "http://127.0.0.1:9/", "secret": SECRET}).json()
+    database = hook_stack.env["SQUEEZE_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(database) as conn:
+        [(stored,)] = conn.execute("SELECT webhook_secret FROM jobs WHERE id = %s", (job["id"],)).fetchall()
+    key_text = SECRET.removeprefix("whsec_")
+    assert stored.startswith("v1:") and key_text not in stored and SECRET not in stored
+    assert base64.b64decode(key_text).hex() not in stored
+
