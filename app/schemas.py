@@ -132,7 +132,9 @@ class ApiKeyCreated(ApiKeyOut):
 class WebhookAttemptOut(BaseModel):
     attempted_at: datetime
     status_code: int | None = Field(description="the receiver's answer; null when it could not be reached")
-    error: str | None
+    error: str | None = Field(description="why the attempt failed, in generic words only: \"http <code>\", "
+                              "\"timeout\", \"connection failed\", \"refused: address not allowed\" or "
+                              "\"internal error\"; null when delivered")
     duration_ms: float
 
 
