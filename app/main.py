@@ -17,6 +17,7 @@ from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware
 from app.limits import BodySizeLimit
 from app.observability import RequestContext, configure_logging
+from app.security_headers import SecurityHeaders
 from app.maintenance import Reconciler
 from app.webhooks import Dispatcher
 
@@ -64,6 +65,8 @@ def create_app() -> FastAPI:
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit, idle_timeout_s=settings.body_idle_timeout_s)
     app.add_middleware(RequestContext)
+    # Outermost: every answer, the refused ones included, carries the browser headers.
+    app.add_middleware(SecurityHeaders)
     for router in (models.router, datasets.router, jobs.router, events.router, keys.router, uploads.router):
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)

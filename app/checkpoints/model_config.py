@@ -46,10 +46,44 @@ _CONFIG_BOUNDS: dict[str, tuple[int, str]] = {
 # Families whose position embeddings are a learned table (so count towards parameters).
 _LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "opt"})
 
+# config.json fields that tell transformers *how* to load a model, not what the model is: which
+# kernels or classes to use, a quantizer to route the weights through, a parallel plan. The
+# worker decides these itself (``worker/engine/loading.py`` passes its own options), so an
+# upload carrying one is refused with a 422 that names it, rather than stripped: the stored
+# checkpoint stays byte for byte what its owner sent, and what it says is never silently
+# ignored. ``save_pretrained`` writes none of them for a plain model. (``auto_map`` and
+# ``trust_remote_code``, anywhere in the settings files, are refused before this, by
+# ``inspection._refuse_remote_code``.)
+_ATTENTION = "chooses the attention kernel, which transformers may fetch from the Hub as code"
+_EXPERTS = "chooses the mixture-of-experts kernel, which transformers may fetch as code"
+_PLAN = "is a parallel loading plan; transformers itself never saves it"
+LOADING_DIRECTIVES: dict[str, str] = {
+    "attn_implementation": _ATTENTION,
+    "_attn_implementation": _ATTENTION,
+    "_attn_implementation_internal": _ATTENTION,
+    "experts_implementation": _EXPERTS,
+    "_experts_implementation": _EXPERTS,
+    "_experts_implementation_internal": _EXPERTS,
+    # Every upload that passes the weight check is dense (each parameter stored whole, as
+    # floats): a quantization_config could only send those weights through a quantizer
+    # (bitsandbytes, GPTQ, AWQ, ... with their own kernels and packages). Squeeze quantizes.
+    "quantization_config": "routes the weights through a quantizer while loading, but the "
+    "upload's weights are dense; Squeeze takes unquantized checkpoints and quantizes them itself",
+    "tokenizer_class": "picks the class the tokenizer is loaded with; a tokenizer's own files "
+    "(tokenizer_config.json) say what it is",
+    "custom_pipelines": "registers pipeline code to import",
+    "base_model_tp_plan": _PLAN,
+    "base_model_pp_plan": _PLAN,
+    "base_model_ep_plan": _PLAN,
+    "base_model_fsdp_plan": _PLAN,
+    "distributed_config": _PLAN,
+}
+
 
 def check_config(config_doc: dict, limits: UploadLimits):
     """(model_type, causal LM class name, built config) of a parsed config.json, or raise."""
     model_type, architecture = _model_type_and_architecture(config_doc)
+    _refuse_loading_directives(config_doc)
     _check_config_bounds(config_doc)
     config = _build_config(model_type, config_doc)
     _check_config_size(model_type, config, config_doc, limits)
@@ -92,6 +126,16 @@ def _model_type_and_architecture(config_doc: dict) -> tuple[str, str]:
             f"language model; for model_type {model_type!r} Squeeze expects {causal}."
         )
     return model_type, causal
+
+
+def _refuse_loading_directives(config_doc: dict) -> None:
+    for key, why in LOADING_DIRECTIVES.items():
+        if key in config_doc:
+            raise CheckpointError(
+                f"config.json: {key} {why}. How a model is loaded is Squeeze's choice, not the "
+                f"upload's: remove {key!r} from config.json and upload again.",
+                status_code=422,
+            )
 
 
 def _check_config_bounds(config_doc: dict) -> None:

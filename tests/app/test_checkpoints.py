@@ -485,6 +485,54 @@ def test_remote_code_keys_are_refused(ckpt, key, value):
     assert error.status_code == 400 and key in error.message and "never run" in error.message
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("attn_implementation", "kernels-community/flash-attn"),
+        ("_attn_implementation", "flash_attention_2"),
+        ("experts_implementation", "grouped_mm"),
+        ("quantization_config", {"quant_method": "bitsandbytes", "load_in_4bit": True}),
+        ("quantization_config", {"quant_method": "compressed-tensors", "format": "int-quantized"}),
+        ("tokenizer_class", "GPT2Tokenizer"),
+        ("custom_pipelines", {"text-generation": {"impl": "pipe.Evil"}}),
+        ("base_model_tp_plan", {"h.*.attn.c_attn": "colwise"}),
+    ],
+)
+def test_loading_directives_in_config_are_refused_naming_the_field(ckpt, key, value):
+    # Fields that choose how transformers loads (kernels, quantizer, classes): the worker's
+    # choice, never the upload's.
+    write_config(ckpt, **{key: value})
+    error = inspect_fails(ckpt)
+    assert error.status_code == 422, error.message
+    assert error.message.startswith(f"config.json: {key} ") and f"remove {key!r}" in error.message
+
+
+def test_every_refused_loading_directive_is_one_transformers_reads():
+    # The table names real fields: each is an init argument or attribute transformers' config
+    # (or its loading code) knows, so a rename upstream shows up here.
+    import inspect as inspect_module
+
+    from transformers import PretrainedConfig
+
+    from app.checkpoints.model_config import LOADING_DIRECTIVES
+
+    import transformers.modeling_utils as modeling_utils
+    import transformers.models.auto.tokenization_auto as tokenization_auto
+    import transformers.pipelines as pipelines
+
+    known = "".join(inspect_module.getsource(m) for m in (
+        transformers.configuration_utils, modeling_utils, tokenization_auto, pipelines))
+    for key in LOADING_DIRECTIVES:
+        assert key in known or hasattr(PretrainedConfig, key), key
+
+
+def test_a_plain_save_pretrained_config_carries_no_loading_directive(saved):
+    from app.checkpoints.model_config import LOADING_DIRECTIVES
+
+    folder, _ = saved
+    assert not set(json.loads((folder / "config.json").read_text())) & set(LOADING_DIRECTIVES)
+
+
 def test_auto_map_in_tokenizer_config_is_refused(ckpt, tokenizer_files):
     for path in tokenizer_files.iterdir():
         shutil.copy(path, ckpt / path.name)

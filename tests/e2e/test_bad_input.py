@@ -74,6 +74,17 @@ def test_job_on_missing_dataset_is_404(snapshot, tmp_path):
     _assert_refused(snapshot, response, 404, "no dataset", param="evaluation.dataset_id")
 
 
+@pytest.mark.parametrize("key, value", [("attn_implementation", "flash_attention_2"),
+                                        ("quantization_config", {"quant_method": "bitsandbytes"})])
+def test_config_choosing_how_to_load_is_422_naming_the_field(snapshot, tmp_path, key, value):
+    folder = make_checkpoint(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    files = [("files", item) for item in checkpoint_files(folder)]
+    response = snapshot.client.post("/v1/models", files=files)
+    _assert_refused(snapshot, response, 422, f"config.json: {key}", param="files")
+
+
 def test_bad_datasets_are_refused(stack):
     before = stack.client.get("/v1/datasets").json()["data"]
     for filename, body, word in [("data.jsonl", b'{"text": "ok"}\nnot json\n', "line 2"),

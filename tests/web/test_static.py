@@ -80,3 +80,35 @@ def test_nothing_is_loaded_from_another_origin():
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), path.name
         assert not re.search(r"""@import\s+url\(\s*["']?(https?:)?//""", text), path.name
         assert not re.search(r"""\bimport\s[^;]*from\s+["'](https?:)?//""", text), path.name
+
+
+@pytest.mark.parametrize("path", ["/ui/", "/ui/app.js", "/ui/style.css", "/healthz", "/v1/models", "/ui/missing.js"])
+def test_every_answer_carries_the_browser_security_headers(client, path):
+    # The page, its files, the API (here a 401 without a key) and a 404 alike.
+    response = client.get(path)
+    policy = {
+        directive.split()[0]: directive.split()[1:]
+        for directive in response.headers["content-security-policy"].split(";")
+    }
+    assert policy["default-src"] == ["'self'"] and policy["frame-ancestors"] == ["'none'"]
+    # Nothing loosens the page's policy: no inline code, no other origin, no eval.
+    assert not {"script-src", "style-src", "connect-src", "img-src"} & set(policy)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_the_client_needs_no_inline_code():
+    # The policy forbids inline scripts, inline styles and event-handler attributes; the page
+    # would silently break if one crept in.
+    page = (WEB / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page), "inline <script>"
+    assert "<style" not in page and not re.search(r"\sstyle\s*=", page)
+    assert not re.search(r"\son[a-z]+\s*=", page), "inline event handler"
+    for path in WEB.rglob("*.js"):
+        text = path.read_text()
+        assert not re.search(r"\beval\s*\(|new\s+Function\s*\(|setAttribute\(\s*[\"']style", text), path.name
+
+
+def test_the_api_docs_pages_may_load_their_cdn_but_never_be_framed(client):
+    policy = client.get("/docs").headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "https://cdn.jsdelivr.net" in policy

@@ -94,6 +94,11 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
 
 
 def _from_pretrained(folder: Path, dtype: torch.dtype, **options: Any) -> PreTrainedModel:
+    """Every option that decides what code runs is ours, passed explicitly, never left to
+    config.json or a transformers default: local safetensors only, no remote code, PyTorch's
+    own scaled-dot-product attention (a config's ``attn_implementation`` could name a kernel
+    fetched as code; uploads carrying one are refused, artifacts are ours), no Hub kernels, no
+    device map or parallel plan."""
     with warnings.catch_warnings():
         # transformers warns that the artifact's own quantization_config wins over the one
         # passed: intended, only the loading option `dequantize` is taken from ours.
@@ -104,6 +109,10 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, **options: Any) -> PreTra
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=False,
+            attn_implementation="sdpa",
+            use_kernels=False,
+            device_map=None,
+            tp_plan=None,
             **options,
         )
 
