@@ -215,6 +215,23 @@ def test_the_log_says_why_in_generic_words_only(hooks):
         {delivery: [expected] for delivery, expected in failures.items()}
 
 
+def test_no_redirect_is_followed_and_no_proxy_from_the_environment_is_used(hooks, monkeypatch):
+    hooks.settings(webhook_allowed_networks="127.0.0.0/8")
+    target, proxy = hooks.receiver(status(204)), hooks.receiver(status(204))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+
+    def redirect(conn, receiver):
+        conn.sendall(f"HTTP/1.1 307 X\r\nLocation: http://127.0.0.1:{target.port}/\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+
+    redirected = hooks.queue(hooks.receiver(redirect))
+    direct = hooks.queue(target)
+    hooks.send(redirected)
+    assert hooks.attempts(redirected) == [(307, "http 307")] and hooks.attempts(direct) == [(204, None)]
+    assert len(target.requests) == 1 and proxy.connections == 0
+
+
 @pytest.mark.parametrize("answer", [never_answers, trickles], ids=["silent", "trickling"])
 def test_one_deadline_ends_an_attempt_whatever_the_receiver_does(hooks, answer):
     hooks.settings(webhook_allowed_networks="127.0.0.0/8")
