@@ -1,9 +1,16 @@
 """API keys: ``Authorization: Bearer sqz_...``. Each key acts for one tenant; every object is
 looked up within that tenant, so another tenant's id is simply not found (404, never 403).
 
-Keys are created by an admin at ``/v1/api-keys``, the first one by the CLI::
+A key has one scope:
 
-    python -m app.admin create-key --tenant acme --name ops --admin
+- ``member``: the tenant's models, datasets, uploads and jobs;
+- ``admin``: also the tenant's own keys at ``/v1/api-keys`` (never another tenant's);
+- ``operator``: every tenant's keys (and so new tenants) and ``/metrics``. Only the server-side
+  CLI grants it; no request to the API can mint an operator key.
+
+A tenant and its first key come from the CLI, run by the operator on the server::
+
+    python -m app.admin create-key --tenant acme --name ops --scope admin
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from app.db.session import get_session
 from app.errors import APIError
 
 KEY_PREFIX = "sqz_"
+SCOPES = ("member", "admin", "operator")  # each allows all that the ones before it do
 
 
 class Unauthenticated(APIError):
@@ -36,11 +44,19 @@ class Forbidden(APIError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the tenant every query is scoped to, and whether it may manage keys."""
+    """Who is calling: the tenant every query is scoped to, and what its key's scope allows."""
 
     tenant_id: str
     key_id: str
-    is_admin: bool
+    scope: str = "member"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope in ("admin", "operator")
+
+    @property
+    def is_operator(self) -> bool:
+        return self.scope == "operator"
 
 
 def new_secret() -> str:
@@ -60,7 +76,7 @@ def principal_for(session: Session, authorization: str | None) -> Principal:
     key = session.scalar(select(ApiKey).where(ApiKey.secret_sha256 == hash_secret(secret.strip())))
     if key is None or key.revoked_at is not None:
         raise Unauthenticated("invalid or revoked API key")
-    return Principal(tenant_id=key.tenant_id, key_id=key.id, is_admin=key.is_admin)
+    return Principal(tenant_id=key.tenant_id, key_id=key.id, scope=key.scope)
 
 
 # Declares the scheme in the OpenAPI document; the check itself is ours (clear 401 envelopes).
@@ -80,4 +96,10 @@ def current_principal(
 def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this needs an admin key")
+    return principal
+
+
+def operator_principal(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.is_operator:
+        raise Forbidden("this needs an operator key (python -m app.admin create-key --scope operator)")
     return principal

@@ -142,7 +142,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         400: "The request is malformed or the uploaded file is refused.",
         401: "No API key, or an invalid or revoked one.",
-        403: "The key may not do this (an admin key is needed).",
+        403: "The key's scope does not allow this (an admin, or an operator, key is needed).",
         404: "The object does not exist.",
         409: "The request conflicts with the object's current state, or reuses an "
         "Idempotency-Key with a different body.",

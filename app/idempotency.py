@@ -5,6 +5,17 @@ same body gets that stored answer (and no second job, model or key); the same ke
 different body is a 409. A request still running under the key is a 409 too. Answers of 5xx,
 and requests whose body was not read to the end, are not stored, so the client may retry.
 
+A stored answer belongs to the API key that made the request: another key (even of the same
+tenant) with the same ``Idempotency-Key`` has its own, separate record. A replay goes to a key
+that still works (a revoked key gets the route's 401) and still holds the scope it had when the
+answer was stored (a key demoted since gets 403).
+
+An answer sent with ``Cache-Control: no-store`` (a new API key, whose secret is shown once) is
+never stored. A retry gets a 409 that names the object the first request made instead. Storing
+the secret encrypted was the other choice; it would keep the secret retrievable for a day by
+whoever holds the caller's key and the Idempotency-Key, and "shown once" would no longer be
+true. A client that lost that answer revokes the key it names and creates another.
+
 The body is hashed as it streams to the route, never buffered: uploads of many GB work. A
 multipart body is hashed without its boundary, which clients pick at random per attempt; a
 JSON body is hashed in canonical form, so key order and spacing do not matter.
@@ -21,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import principal_for
+from app.auth import SCOPES, Principal, principal_for
 from app.db.models import IdempotencyKey, utcnow
 from app.db.session import session_scope
 from app.errors import APIError
@@ -67,42 +78,63 @@ class BodyHasher:
         return self.digest.hexdigest()
 
 
-def _claim(tenant_id: str, key: str) -> IdempotencyKey | None:
+def _record(principal: Principal, key: str):
+    return select(IdempotencyKey).where(IdempotencyKey.api_key_id == principal.key_id, IdempotencyKey.key == key)
+
+
+def _claim(principal: Principal, key: str) -> IdempotencyKey | None:
     """Insert an in-progress row for the key; if one exists, return it instead."""
     with session_scope() as session:
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - KEY_TTL))
     try:
         with session_scope() as session:
-            session.add(IdempotencyKey(tenant_id=tenant_id, key=key, status="in_progress"))
+            session.add(IdempotencyKey(tenant_id=principal.tenant_id, api_key_id=principal.key_id,
+                                       scope=principal.scope, key=key, status="in_progress"))
         return None
     except IntegrityError:
         with session_scope() as session:
-            return session.scalar(
-                select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-            )
+            return session.scalar(_record(principal, key))
 
 
-def _finish(tenant_id: str, key: str, request_sha256: str, status: int, headers, body: bytes) -> None:
+def _finish(principal: Principal, key: str, request_sha256: str, status: int, headers, body: bytes) -> None:
     with session_scope() as session:
-        row = session.scalar(
-            select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-        )
+        row = session.scalar(_record(principal, key))
         row.status, row.request_sha256 = "done", request_sha256
         row.response_status, row.response_headers, row.response_body = status, headers, body
 
 
-def _forget(tenant_id: str, key: str) -> None:
+def _forget(principal: Principal, key: str) -> None:
     with session_scope() as session:
-        session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-        )
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.api_key_id == principal.key_id,
+                                                     IdempotencyKey.key == key))
 
 
-async def _error(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"type": "idempotency_error", "message": message, "param": "Idempotency-Key"}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+def _error_body(message: str, error_type: str = "idempotency_error", param: str | None = "Idempotency-Key") -> bytes:
+    return json.dumps({"error": {"type": error_type, "message": message, "param": param}}).encode()
+
+
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+
+async def _error(send: Send, status: int, message: str, **kwargs) -> None:
+    body = _error_body(message, **kwargs)
+    await send({"type": "http.response.start", "status": status, "headers": _json_headers(body)})
     await send({"type": "http.response.body", "body": body})
+
+
+def _not_kept(body: bytes) -> tuple[int, list[list[str]], bytes]:
+    """What a retry of a ``no-store`` answer gets: a 409 that names what the first request made
+    (its id and kind, read from the answer), and nothing else of it."""
+    try:
+        made = json.loads(body)
+        made = f"{made['object']} {made['id']}" if isinstance(made, dict) and "id" in made else "an object"
+    except (ValueError, KeyError, TypeError):
+        made = "an object"
+    stored = _error_body(f"this request already ran and made {made}; its answer held a secret that is "
+                         "shown once and was not kept, so it is not replayed. Revoke what it made if "
+                         "the answer was lost, and create another")
+    return 409, [[k.decode(), v.decode()] for k, v in _json_headers(stored)], stored
 
 
 class IdempotencyMiddleware:
@@ -123,12 +155,11 @@ class IdempotencyMiddleware:
         except APIError:
             await self.app(scope, receive, send)  # the route answers 401
             return
-        tenant = principal.tenant_id
         hasher = BodyHasher(headers.get(b"content-type", b"").decode(errors="replace"), "POST", scope["path"])
 
-        existing = await run_in_threadpool(_claim, tenant, key)
+        existing = await run_in_threadpool(_claim, principal, key)
         if existing is not None:
-            await self._replay(existing, hasher, receive, send)
+            await self._replay(existing, principal, hasher, receive, send)
             return
 
         body_done = False
@@ -152,10 +183,12 @@ class IdempotencyMiddleware:
             storable = (body_done and response["status"] is not None and response["status"] < 500
                         and not response["too_big"])
             if storable:
-                await run_in_threadpool(_finish, tenant, key, hasher.hexdigest(), response["status"],
-                                        response["headers"], bytes(response["body"]))
+                status, stored_headers, body = response["status"], response["headers"], bytes(response["body"])
+                if any(k.lower() == "cache-control" and "no-store" in v.lower() for k, v in stored_headers):
+                    status, stored_headers, body = _not_kept(body)
+                await run_in_threadpool(_finish, principal, key, hasher.hexdigest(), status, stored_headers, body)
             else:
-                await run_in_threadpool(_forget, tenant, key)
+                await run_in_threadpool(_forget, principal, key)
 
         async def capturing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -172,7 +205,7 @@ class IdempotencyMiddleware:
             await self.app(scope, hashing_receive, capturing_send)
         finally:
             if not settled:
-                await run_in_threadpool(_forget, tenant, key)
+                await run_in_threadpool(_forget, principal, key)
 
     @staticmethod
     def _principal(authorization: bytes | None):
@@ -180,7 +213,16 @@ class IdempotencyMiddleware:
             return principal_for(session, authorization.decode(errors="replace") if authorization else None)
 
     @staticmethod
-    async def _replay(existing: IdempotencyKey, hasher: BodyHasher, receive: Receive, send: Send) -> None:
+    async def _replay(existing: IdempotencyKey, principal: Principal, hasher: BodyHasher, receive: Receive,
+                      send: Send) -> None:
+        # The caller's key was read afresh above (a revoked one never gets here); it must still
+        # hold the scope it answered under, or the replay would hand a demoted key what it may
+        # no longer do.
+        if SCOPES.index(principal.scope) < SCOPES.index(existing.scope or "member"):
+            await _error(send, 403, f"this key's scope is now {principal.scope!r}; the request stored under "
+                         f"this Idempotency-Key was made with scope {existing.scope!r}",
+                         error_type="permission_error", param=None)
+            return
         if existing.status != "done":
             await _error(send, 409, "a request with this Idempotency-Key is still in progress; retry later")
             return

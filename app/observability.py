@@ -4,7 +4,8 @@
   and echoed back in the response) and, in the worker, ``job_id``.
 - ``/metrics`` (Prometheus): request latency histograms per route, and, read from the database
   at scrape time so that every API replica reports the same truth, jobs by status, queue depth
-  and job durations by method.
+  and job durations by method. They describe every tenant, so the route needs an operator key
+  (``app/api/health.py``).
 """
 
 from __future__ import annotations

@@ -106,10 +106,15 @@ class Deleted(BaseModel):
 
 
 class ApiKeyCreate(RequestModel):
+    """``{"name": "ci"}``: a member key for the caller's own tenant. Only an operator key may
+    name another tenant (created if new); the operator scope itself is granted by the CLI only."""
 
-    tenant: str = Field(min_length=1, max_length=100, description="tenant name; created if new")
+    tenant: str | None = Field(default=None, min_length=1, max_length=100,
+                               description="tenant name; the caller's own if left out. Another "
+                                           "tenant (created if new) needs an operator key")
     name: str = Field(min_length=1, max_length=100)
-    admin: bool = False
+    scope: Literal["member", "admin"] = Field(
+        default="member", description="admin keys also manage their tenant's keys")
 
 
 class ApiKeyOut(BaseModel):
@@ -120,7 +125,8 @@ class ApiKeyOut(BaseModel):
     tenant_id: str
     name: str
     prefix: str = Field(description="the first characters of the secret, to tell keys apart")
-    is_admin: bool
+    scope: Literal["member", "admin", "operator"]
+    is_admin: bool = Field(description="scope is admin or operator")
     created_at: datetime
     revoked_at: datetime | None
 

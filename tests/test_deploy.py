@@ -1,17 +1,24 @@
-"""Static checks of the deployment files: ``docker-compose.yml`` and ``Dockerfile``.
+"""Static checks of the deployment files: ``docker-compose.yml``, ``.env.example`` and
+``Dockerfile``.
 
-No Docker engine is needed: the files are parsed, and every module, attribute and path they
-name is checked against the repository, so a rename in the code breaks this test rather than
-the deployment.
+No Docker engine is needed: the files are parsed (the compose file with its ``${VAR}``
+references filled in as compose fills them), and every module, attribute and path they name is
+checked against the repository, so a rename in the code breaks this test rather than the
+deployment. The Redis service's own command and health check are run against a real
+redis-server.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +27,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
+# What an operator's .env holds (made as .env.example says): the secrets compose requires.
+SECRETS = {
+    "POSTGRES_PASSWORD": "0f3c9a1be2d84c7a",
+    "REDIS_PASSWORD": "9d2e7b4c1a6f8e03",
+    "SQUEEZE_SECRET_KEY": "wtP7z+gAzCUjzqWELiSK/+ykXSxbzYRImUucE63d8b4=",
+}
 SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
 PROJECT_SERVICES = ("migrate", "api", "worker")
 
@@ -30,9 +44,50 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+class MissingVariable(Exception):
+    """What compose refuses to start with: a ``${NAME:?message}`` whose NAME is unset or empty."""
+
+
+_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>\w+))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Fill in ``${NAME}``, ``${NAME:-default}``, ``${NAME-default}``, ``${NAME:?message}``,
+    ``${NAME?message}`` and ``$$`` in every string of a parsed compose file, as compose does."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def fill(match: re.Match) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["name"] or match["bare"]
+        found, op = env.get(name), match["op"]
+        unset = not found if op and op.startswith(":") else found is None
+        if op in (":?", "?") and unset:
+            raise MissingVariable(f"{name}: {match['arg']}")
+        if op in (":-", "-") and unset:
+            return match["arg"]
+        return found or ""
+
+    return _REFERENCE.sub(fill, value)
+
+
+def raw_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_example() -> dict[str, str]:
+    lines = [line.strip() for line in ENV_EXAMPLE.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return interpolate(raw_compose(), SECRETS)
 
 
 def _argv(command) -> list[str]:
@@ -138,7 +193,7 @@ def test_dependencies(compose):
         assert deps["redis"]["condition"] == "service_healthy"
     assert "pg_isready" in json.dumps(services["postgres"]["healthcheck"]["test"])
     assert "redis-cli" in json.dumps(services["redis"]["healthcheck"]["test"])
-    assert "8000:8000" in [str(p) for p in services["api"]["ports"]]
+    assert [str(p) for p in services["api"]["ports"]] == ["127.0.0.1:8000:8000"]
 
 
 def test_worker_reserves_a_gpu(compose):
@@ -176,6 +231,113 @@ def test_environment_points_at_the_services(compose, name):
     assert db.username == pg_env["POSTGRES_USER"]
     assert db.password == pg_env["POSTGRES_PASSWORD"]
     assert db.path.lstrip("/") == pg_env["POSTGRES_DB"]
+    assert db.password == SECRETS["POSTGRES_PASSWORD"]
+    assert broker.password == _env(services["redis"])["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert env["SQUEEZE_SECRET_KEY"] == SECRETS["SQUEEZE_SECRET_KEY"]
+
+
+# --------------------------------------------------------------------------- secrets and exposure
+
+
+def _references(value) -> list[re.Match]:
+    if isinstance(value, dict):
+        return [m for item in value.values() for m in _references(item)]
+    if isinstance(value, list):
+        return [m for item in value for m in _references(item)]
+    return list(_REFERENCE.finditer(value)) if isinstance(value, str) else []
+
+
+def test_every_secret_is_required_and_has_no_default():
+    raw = raw_compose()
+    required = {m["name"] for m in _references(raw) if m["op"] == ":?"}
+    assert required == set(SECRETS)
+    for match in _references(raw):
+        if match["name"] in SECRETS or match["bare"] in SECRETS:
+            assert match["op"] == ":?", f"{match[0]} must be ${{NAME:?message}}: no default, never empty"
+    # Without any one of them, compose refuses to start, and says which.
+    for name in SECRETS:
+        with pytest.raises(MissingVariable, match=f"^{name}: .*\\.env"):
+            interpolate(raw, {k: v for k, v in SECRETS.items() if k != name})
+        with pytest.raises(MissingVariable, match=f"^{name}"):
+            interpolate(raw, {**SECRETS, name: ""})
+    # No password is written in the file itself.
+    for service in raw["services"].values():
+        for key, value in _env(service).items():
+            if "PASSWORD" in key or "SECRET" in key:
+                assert value.startswith("${") and value.endswith("}"), f"{key} is written in the compose file"
+        for value in _env(service).values():
+            url = urlsplit(value) if "://" in value and "${" not in value else None
+            assert url is None or url.password is None, f"a literal password in {value}"
+
+
+def test_env_example_names_every_secret_with_an_empty_placeholder():
+    example = env_example()
+    assert set(SECRETS) <= set(example)
+    # Copied unedited, it starts nothing: each secret must be filled in first.
+    for name in SECRETS:
+        assert example[name] == "", f"{name} has a value in .env.example"
+    with pytest.raises(MissingVariable):
+        interpolate(raw_compose(), example)
+    assert example.get("SQUEEZE_PUBLISH") == "127.0.0.1"
+
+
+def test_env_files_are_never_committed_or_sent_to_the_docker_build():
+    for ignore in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore).read_text().split(), ignore
+
+
+def test_only_the_api_is_published_and_on_loopback_unless_configured():
+    raw = raw_compose()
+    published = {name for name, service in raw["services"].items() if service.get("ports")}
+    assert published == {"api"}
+    ports = lambda env: interpolate(raw, {**SECRETS, **env})["services"]["api"]["ports"]  # noqa: E731
+    assert ports({}) == ["127.0.0.1:8000:8000"]
+    assert ports({"SQUEEZE_PUBLISH": ""}) == ["127.0.0.1:8000:8000"]
+    assert ports({"SQUEEZE_PUBLISH": "0.0.0.0"}) == ["0.0.0.0:8000:8000"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_runs_with_the_password_and_its_health_check_and_the_urls_use_it(compose, tmp_path):
+    # The service's own command and health check, as its container runs them (`sh -c` with the
+    # service's environment), on a private port of this machine.
+    import redis
+
+    service = compose["services"]["redis"]
+    env = {**os.environ, **_env(service)}
+    port = _free_port()
+    local = f" --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir {tmp_path}"
+    argv = _argv(service["command"])
+    assert argv[:2] == ["sh", "-c"] and "--requirepass" in argv[2]
+    server = subprocess.Popen([*argv[:2], argv[2] + local], env=env, stdout=subprocess.DEVNULL)
+    try:
+        check = service["healthcheck"]["test"]
+        assert check[0] == "CMD-SHELL"
+        healthy = lambda password: subprocess.run(  # noqa: E731
+            ["sh", "-c", check[1].replace("redis-cli", f"redis-cli -p {port}")],
+            env={**env, "REDIS_PASSWORD": password}, capture_output=True, timeout=30).returncode == 0
+        deadline = time.monotonic() + 60
+        while not healthy(SECRETS["REDIS_PASSWORD"]):
+            assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.2)
+        assert not healthy("wrong-password")
+        # Without the password nothing is answered; with the services' URL everything is.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+        for name in PROJECT_SERVICES:
+            url = urlsplit(_env(compose["services"][name])["SQUEEZE_BROKER_URL"])
+            local_url = url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl()
+            assert redis.Redis.from_url(local_url).ping() is True
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_worker_queue_matches_settings(compose):

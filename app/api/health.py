@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
+from app.auth import operator_principal
 from app.db.session import get_engine
+from app.errors import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -17,10 +19,13 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+@router.get("/metrics", response_class=Response, dependencies=[Depends(operator_principal)],
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+                       **error_responses(401, 403)})
 def metrics() -> Response:
-    """Prometheus metrics: request latency, jobs by status, queue depth, job duration by method."""
+    """Prometheus metrics: request latency, jobs by status, queue depth, job duration by method.
+    They count every tenant's jobs, so they need an operator key (a tenant key gets 403): give
+    Prometheus one with ``authorization: {credentials_file: ...}`` in its scrape config."""
     from app.observability import metrics_payload
 
     body, content_type = metrics_payload()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.common import NAME_PATTERN
 from app.auth import Principal, current_principal
 from app.db.models import Upload
 from app.db.session import get_session, session_scope
@@ -32,7 +33,8 @@ class UploadCreate(RequestModel):
 class UploadComplete(RequestModel):
 
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="of the whole file; verified before use")
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=NAME_PATTERN,
+                             description="the model's or dataset's name, as in POST /v1/models")
     metadata: Metadata = Field(default_factory=dict)
 
 

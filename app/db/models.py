@@ -66,9 +66,15 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100))
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell keys apart
     secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # member: the tenant's resources; admin: also the tenant's own keys; operator: every
+    # tenant's keys and /metrics, granted only by the server-side CLI (see app/auth.py).
+    scope: Mapped[str] = mapped_column(String(20), default="member")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope in ("admin", "operator")
 
 
 class Model(Base):
@@ -165,13 +171,16 @@ class JobEvent(Base):
 
 class IdempotencyKey(Base):
     """A POST remembered by its ``Idempotency-Key``: the same key and body get the same answer,
-    a different body gets 409. Kept for ``idempotency_ttl_s``."""
+    a different body gets 409. Kept for ``idempotency_ttl_s``. Scoped to the API key that sent
+    it: another key, even of the same tenant, never gets its answer."""
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_idempotency_tenant_key"),)
+    __table_args__ = (UniqueConstraint("api_key_id", "key", name="uq_idempotency_api_key_key"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
+    api_key_id: Mapped[str] = mapped_column(String(40))
+    scope: Mapped[str | None] = mapped_column(String(20), nullable=True)  # the key's, when the answer was stored
     key: Mapped[str] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(20))  # in_progress | done

@@ -53,6 +53,7 @@ class ServiceStack:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.storage_root = Path(env.get("SQUEEZE_STORAGE_ROOT", workdir / "var" / "storage"))
         self._dropdb: str | None = None
+        self._operator_key: str | None = None
 
     # -- constructors ---------------------------------------------------------------------
 
@@ -150,12 +151,23 @@ class ServiceStack:
         self.client = self.client_for(self.admin_key)
         return self
 
-    def create_key(self, tenant: str, admin: bool = False) -> str:
-        """A key made the way an operator makes the first one: the admin CLI."""
-        args = [sys.executable, "-m", "app.admin", "create-key", "--tenant", tenant, "--name", "test"]
-        result = subprocess.run(args + (["--admin"] if admin else []), cwd=ROOT, env=self.env,
+    def create_key(self, tenant: str, admin: bool = False, scope: str | None = None) -> str:
+        """A key made the way an operator makes the first one: the admin CLI. ``scope`` is
+        member, admin or operator (``admin=True`` is scope admin)."""
+        scope = scope or ("admin" if admin else "member")
+        return self.admin_cli("create-key", "--tenant", tenant, "--name", "test", "--scope", scope)
+
+    def admin_cli(self, *args: str) -> str:
+        """Runs ``python -m app.admin ARGS`` against this stack's database; its last line."""
+        result = subprocess.run([sys.executable, "-m", "app.admin", *args], cwd=ROOT, env=self.env,
                                 check=True, capture_output=True, text=True)
         return result.stdout.strip().splitlines()[-1]
+
+    def operator_client(self) -> httpx.Client:
+        """A client with an operator key (made once), for /metrics and every tenant's keys."""
+        if self._operator_key is None:
+            self._operator_key = self.create_key("operators", scope="operator")
+        return self.client_for(self._operator_key)
 
     def client_for(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)

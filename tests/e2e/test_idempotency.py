@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import psycopg
+
 from tests.factories import checkpoint_files, make_checkpoint
 
 
@@ -45,3 +47,65 @@ def test_keys_are_per_tenant_and_errors_are_replayed(pg_stack):
     other = pg_stack.client_for(pg_stack.create_key("tenant-idem"))
     response = other.post("/v1/jobs", json={**bad, "metadata": {"a": "b"}}, headers={"Idempotency-Key": key})
     assert response.status_code == 404  # B's key space is its own: no 409 from A's request
+
+
+def _dataset_post(client, key: str, text: str = "some text to keep"):
+    return client.post("/v1/datasets", files={"file": ("c.txt", text.encode())}, headers={"Idempotency-Key": key})
+
+
+def _key_id(admin, secret: str) -> str:
+    return next(k["id"] for k in admin.get("/v1/api-keys").json()["data"] if secret.startswith(k["prefix"]))
+
+
+def test_a_stored_answer_belongs_to_the_api_key_that_made_it(stack):
+    # Two keys of one tenant: the second key's request runs; it never gets the first's answer.
+    first, second = (stack.client_for(stack.create_key("tenant-idem-keys")) for _ in range(2))
+    key = str(uuid.uuid4())
+    made = _dataset_post(first, key)
+    other = _dataset_post(second, key)
+    assert made.status_code == other.status_code == 201, other.text
+    assert other.json()["id"] != made.json()["id"] and "idempotent-replayed" not in other.headers
+    different = _dataset_post(second, key, text="another body")  # its own record: 409, not the first's
+    assert different.status_code == 409 and different.json()["error"]["param"] == "Idempotency-Key"
+    replay = _dataset_post(first, key)
+    assert replay.json()["id"] == made.json()["id"] and replay.headers["idempotent-replayed"] == "true"
+
+
+def test_a_revoked_key_gets_401_not_the_replay(pg_stack):
+    admin = pg_stack.client_for(pg_stack.create_key("tenant-idem-revoke", admin=True))
+    secret = pg_stack.create_key("tenant-idem-revoke")
+    member = pg_stack.client_for(secret)
+    key = str(uuid.uuid4())
+    assert _dataset_post(member, key).status_code == 201
+    assert admin.delete(f"/v1/api-keys/{_key_id(admin, secret)}").status_code == 200
+    again = _dataset_post(member, key)
+    assert again.status_code == 401 and "idempotent-replayed" not in again.headers
+
+
+def test_a_demoted_key_gets_403_not_the_replay(pg_stack):
+    secret = pg_stack.create_key("tenant-idem-demote", admin=True)
+    client = pg_stack.client_for(secret)
+    key = str(uuid.uuid4())
+    assert _dataset_post(client, key).status_code == 201
+    pg_stack.admin_cli("set-scope", _key_id(client, secret), "member")
+    again = _dataset_post(client, key)
+    assert again.status_code == 403 and again.json()["error"]["type"] == "permission_error"
+    assert "idempotent-replayed" not in again.headers
+    assert _dataset_post(client, str(uuid.uuid4())).status_code == 201  # what a member may do, it still does
+
+
+def test_a_new_keys_secret_is_never_stored_nor_replayed(pg_stack):
+    admin = pg_stack.client_for(pg_stack.create_key("tenant-idem-secret", admin=True))
+    key = str(uuid.uuid4())
+    created = admin.post("/v1/api-keys", json={"name": "ci"}, headers={"Idempotency-Key": key})
+    assert created.status_code == 201
+    secret, key_id = created.json()["key"], created.json()["id"]
+    again = admin.post("/v1/api-keys", json={"name": "ci"}, headers={"Idempotency-Key": key})
+    assert again.status_code == 409 and again.json()["error"]["param"] == "Idempotency-Key"
+    assert key_id in again.json()["error"]["message"] and secret not in again.text
+    # One key made, not two, and no stored answer holds the secret or its hash.
+    assert [k["name"] for k in admin.get("/v1/api-keys").json()["data"]].count("ci") == 1
+    url = pg_stack.env["SQUEEZE_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        bodies = [bytes(row[0] or b"") for row in conn.execute("SELECT response_body FROM idempotency_keys")]
+    assert bodies and not any(secret.encode() in body or secret[4:].encode() in body for body in bodies)

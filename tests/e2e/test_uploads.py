@@ -55,6 +55,14 @@ def test_parts_out_of_order_with_a_retry_assemble_to_a_model(pg_stack, archive):
                        json={"sha256": hashlib.sha256(archive).hexdigest()}).status_code == 409
 
 
+@pytest.mark.parametrize("name", ["a\nforged log line", "\x1b[31mred", "x" * 201])
+def test_a_bad_name_on_complete_is_422_naming_it(pg_stack, archive, name):
+    # The same rule as the name of POST /v1/models: no control characters, 200 at most.
+    upload = _start(pg_stack.client, archive)
+    response = pg_stack.client.post(f"/v1/uploads/{upload['id']}/complete", json={"sha256": "0" * 64, "name": name})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "name", response.text
+
+
 def test_wrong_sha_missing_parts_and_bad_sizes_are_refused(pg_stack, archive):
     client = pg_stack.client
     upload = _start(client, archive)
