@@ -5,7 +5,9 @@ agreement. Every ``reconcile_interval_s`` it
   or failed with the true reason: ``app/services/leases.py``), and
 - sends the jobs that were accepted while the broker was down, and
 - sweeps the storage's temporary folder: staging left by uploads whose API process died
-  mid-request, and the parts of resumable uploads past their expiry.
+  mid-request, and the parts of resumable uploads past their expiry, and
+- prunes what is kept only for a while: finished jobs' events, settled webhook deliveries and
+  idempotency records past their retention (``SQUEEZE_*_RETENTION_DAYS``).
 
 Every step is a conditional update, so any number of API replicas may run it at once.
 """
@@ -16,17 +18,21 @@ import logging
 import re
 import shutil
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
 
 from app.background import PeriodicThread
 from app.config import get_settings
-from app.db.models import Upload, UploadPart, utcnow
+from app.db.models import (IdempotencyKey, Job, JobEvent, JobStatus, Upload, UploadPart, WebhookAttempt,
+                           WebhookDelivery, utcnow)
 from app.db.session import session_scope
 from app.storage import LIVE_STAGING, get_store
 
 log = logging.getLogger("squeeze.reconciler")
+
+TERMINAL = [status.value for status in JobStatus if status.is_terminal]
 
 
 def reconcile_once() -> tuple[int, int]:
@@ -42,7 +48,50 @@ def reconcile_once() -> tuple[int, int]:
     swept = sweep_storage()
     if swept:
         log.info("swept %d abandoned temporary files and folders", swept)
+    pruned = prune_expired()
+    if any(pruned.values()):
+        log.info("pruned past their retention: %s", pruned)
     return reclaimed, sent
+
+
+# Rows deleted per statement: a first prune of a large table never holds one huge transaction.
+PRUNE_BATCH = 5000
+
+
+def prune_expired(now: datetime | None = None) -> dict[str, int]:
+    """Delete the events of jobs that finished more than ``event_retention_days`` ago, webhook
+    deliveries delivered or failed more than ``webhook_delivery_retention_days`` ago (with their
+    attempts), and idempotency records older than ``idempotency_retention_days``. A running or
+    queued job's events, and a delivery still being retried, are kept whatever their age.
+    Returns how many rows of each went."""
+    settings, now = get_settings(), now or utcnow()
+    finished_before = now - timedelta(days=settings.event_retention_days)
+    old_jobs = select(Job.id).where(Job.status.in_(TERMINAL), Job.finished_at < finished_before)
+    settled = select(WebhookDelivery.id).where(
+        WebhookDelivery.status.in_(["delivered", "failed"]),
+        WebhookDelivery.created_at < now - timedelta(days=settings.webhook_delivery_retention_days))
+    stale_keys = select(IdempotencyKey.id).where(
+        IdempotencyKey.created_at < now - timedelta(days=settings.idempotency_retention_days))
+    return {
+        "events": _delete_in_batches(JobEvent, select(JobEvent.id).where(JobEvent.job_id.in_(old_jobs))),
+        # Attempts first: SQLite does not cascade unless told to.
+        "webhook_attempts": _delete_in_batches(
+            WebhookAttempt, select(WebhookAttempt.id).where(WebhookAttempt.delivery_id.in_(settled))),
+        "webhook_deliveries": _delete_in_batches(WebhookDelivery, settled),
+        "idempotency_keys": _delete_in_batches(IdempotencyKey, stale_keys),
+    }
+
+
+def _delete_in_batches(table, ids) -> int:
+    total = 0
+    while True:
+        with session_scope() as session:
+            batch = list(session.scalars(ids.limit(PRUNE_BATCH)))
+            if batch:
+                session.execute(delete(table).where(table.id.in_(batch)))
+        total += len(batch)
+        if len(batch) < PRUNE_BATCH:
+            return total
 
 
 # An upload's staging folder is "staging-<32 hex>"; a job's carries the job id and is the
@@ -62,7 +111,9 @@ def expire_uploads(store) -> int:
     from app.services.uploads import parts_dir
 
     with session_scope() as session:
-        expired = list(session.scalars(select(Upload.id).where(Upload.status == "pending", Upload.expires_at < utcnow())))
+        # "completing" too: a completion whose API process died is not coming back.
+        expired = list(session.scalars(select(Upload.id).where(Upload.status.in_(["pending", "completing"]),
+                                                               Upload.expires_at < utcnow())))
         if expired:
             session.execute(delete(UploadPart).where(UploadPart.upload_id.in_(expired)))
             for upload in session.scalars(select(Upload).where(Upload.id.in_(expired))):
