@@ -49,24 +49,31 @@ def run_job(task, job_id: str) -> None:
     node = task.request.hostname or socket.gethostname()
     worker_id = make_worker_id(node, os.getpid(), uuid.uuid4().hex[:8])
 
-    def claim() -> bool:
+    def claim() -> str:
         with session_scope() as session:
-            claimed = repositories.claim_job(session, job_id, utcnow(), worker_id, settings.job_lease_s)
-            if claimed:
-                job = session.get(Job, job_id)
-                events.record(session, job, "status", f"job running (attempt {job.attempts})",
-                              status=JobStatus.RUNNING.value, attempt=job.attempts)
-            return claimed
+            cap = settings.max_running_jobs_per_tenant
+            running = repositories.tenant_at_capacity(session, job_id, cap) if cap else None
+            if running is not None:
+                return "waiting" if note_waiting(session, job_id, running, cap) else "gone"
+            if not repositories.claim_job(session, job_id, utcnow(), worker_id, settings.job_lease_s):
+                return "gone"
+            job = session.get(Job, job_id)
+            events.record(session, job, "status", f"job running (attempt {job.attempts})",
+                          status=JobStatus.RUNNING.value, attempt=job.attempts)
+            return "claimed"
 
-    claimed = retry_database(claim)
-    if not claimed:
+    outcome = retry_database(claim)
+    if outcome == "waiting":
+        defer(task, job_id, settings.fair_share_retry_s)
+        return
+    if outcome == "gone":
         log.info("job %s is not queued any more (cancelled or already taken); message dropped", job_id)
         return
     heartbeat = Heartbeat(job_id, worker_id, settings.job_lease_s)
     runner = JobRunner(job_id, worker_id=worker_id, heartbeat=heartbeat)
     heartbeat.start()
     try:
-        with memory_budget(settings.job_memory_limit_bytes):
+        with memory_budget(job_memory_limit(settings)):
             runner.run()
     except SoftTimeLimitExceeded:
         # The limit strikes wherever the job is: run() records it for the work itself, this
@@ -74,6 +81,37 @@ def run_job(task, job_id: str) -> None:
         runner.fail_time_limit()
     finally:
         heartbeat.stop()
+
+
+def note_waiting(session, job_id: str, running: int, cap: int) -> bool:
+    """The job's tenant runs ``cap`` jobs already: say so in the job's log (once per wait, not
+    per retry) and keep it queued. False if the job is not waiting any more (cancelled, or
+    taken by another delivery)."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.QUEUED.value or job.cancel_requested:
+        return False
+    message = f"waiting: tenant has {running} running jobs (at most {cap} at once)"
+    if repositories.last_event_message(session, job_id) != message:
+        events.record(session, job, "status", message, status=JobStatus.QUEUED.value,
+                      waiting="tenant_running_jobs", running=running)
+    return True
+
+
+def defer(task, job_id: str, countdown_s: float) -> None:
+    """Send the job again, due in ``countdown_s``: the worker goes on with the next message
+    (another tenant's job) meanwhile. Without a broker the job is marked unsent instead, and
+    the reconciler sends it again."""
+    try:
+        task.apply_async(args=[job_id], countdown=countdown_s, queue=get_settings().queue_name)
+    except Exception as exc:  # kombu raises many types; every one means "not sent"
+        log.warning("broker unavailable, job %s left for the reconciler to re-send: %s", job_id, exc)
+
+        def unsent() -> None:
+            with session_scope() as session:
+                session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                                .values(enqueued_at=None))
+
+        retry_database(unsent)
 
 
 def retry_database(work, patience_s: float = 300.0):
@@ -119,6 +157,35 @@ def memory_budget(limit: int | None):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def job_memory_limit(settings) -> int | None:
+    """The ``memory_budget`` of one job: ``SQUEEZE_JOB_MEMORY_LIMIT_BYTES`` when the operator
+    set it; otherwise, by default, what the worker declares it gives one job
+    (``SQUEEZE_WORKER_MEMORY_BYTES``) or else its machine's physical memory, so that a job that
+    runs away fails ``out_of_memory`` instead of the OOM killer taking the worker. No default
+    on a GPU worker: RLIMIT_AS counts the device driver's address-space reservations, which
+    are far larger than any memory."""
+    if settings.job_memory_limit_bytes is not None:
+        return settings.job_memory_limit_bytes
+    if _runs_on_gpu(settings.device):
+        return None
+    return settings.worker_memory_bytes or _physical_memory_bytes()
+
+
+def _runs_on_gpu(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device != "cpu"
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not on every platform
+        return None
 
 
 def _peak_rss_bytes() -> int:

@@ -8,7 +8,7 @@ from typing import TypeVar
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Base, Job, JobStatus
+from app.db.models import Base, Job, JobEvent, JobStatus, Tenant, Upload
 
 Row = TypeVar("Row", bound=Base)
 
@@ -96,6 +96,46 @@ def unsent_jobs(session: Session) -> list[Job]:
             select(Job).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
         )
     )
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until the transaction ends: decisions that count a tenant's rows
+    (running jobs, pending uploads) and then add one are made one at a time per tenant."""
+    if session.get_bind().dialect.name == "sqlite":
+        # No row locks: a write that changes nothing takes SQLite's one writer lock.
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
+    else:
+        # NO KEY UPDATE: rows that merely reference the tenant (a new model, a new job) may still
+        # be inserted meanwhile.
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+
+
+def running_job_count(session: Session, tenant_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status == JobStatus.RUNNING.value))
+
+
+def pending_upload_count(session: Session, tenant_id: str, now: datetime) -> int:
+    return session.scalar(select(func.count()).select_from(Upload).where(
+        Upload.tenant_id == tenant_id, Upload.status == "pending", Upload.expires_at > now))
+
+
+def tenant_at_capacity(session: Session, job_id: str, max_running: int) -> int | None:
+    """Whether the job's tenant already runs ``max_running`` jobs: that count, or None when the
+    job may start. Locks the tenant's row until the transaction ends, so that two workers
+    claiming two of its jobs (``claim_job`` next, in the same transaction) cannot both take the
+    last free place."""
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    if tenant_id is None:
+        return None
+    lock_tenant(session, tenant_id)
+    running = running_job_count(session, tenant_id)
+    return running if running >= max_running else None
+
+
+def last_event_message(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(JobEvent.message).where(JobEvent.job_id == job_id)
+                          .order_by(JobEvent.id.desc()).limit(1))
 
 
 def claim_job(session: Session, job_id: str, now: datetime, worker_id: str, lease_s: float) -> bool:

@@ -96,12 +96,12 @@ class ServiceStack:
         self.processes.append((name, proc))
         return proc
 
-    def start_worker(self, name: str = "worker", **settings: str) -> subprocess.Popen:
-        """A Celery worker; ``settings`` are SQUEEZE_* values for it alone (over ``worker_env``),
-        e.g. ``start_worker(worker_memory_bytes="1000")``."""
+    def start_worker(self, name: str = "worker", concurrency: int = 1, **settings: str) -> subprocess.Popen:
+        """A Celery worker running ``concurrency`` jobs at once; ``settings`` are SQUEEZE_*
+        values for it alone (over ``worker_env``), e.g. ``start_worker(worker_memory_bytes="1000")``."""
         env = {**self.env, **self.worker_env, **{f"SQUEEZE_{key.upper()}": value for key, value in settings.items()}}
         return self._spawn(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-                                  "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
+                                  "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
                                   "-Q", self.env.get("SQUEEZE_QUEUE_NAME", "squeeze-jobs"),
                                   "--hostname", f"{name}-{secrets.token_hex(3)}@%h"], env=env)
 
