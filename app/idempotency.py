@@ -240,3 +240,33 @@ class IdempotencyMiddleware:
         await send({"type": "http.response.start", "status": existing.response_status,
                     "headers": stored_headers + [(b"idempotent-replayed", b"true")]})
         await send({"type": "http.response.body", "body": existing.response_body or b""})
+
+
+def document_idempotency(app) -> None:
+    """What the middleware may answer on any POST, said in the OpenAPI document: 409 (in
+    progress, another body, or a stored secret that is not replayed) and 403 (a replay to a key
+    demoted since)."""
+    build = app.openapi
+    notes = {"403": "or a replay under this Idempotency-Key to a key whose scope was lowered since",
+             "409": "or the request under this Idempotency-Key is still running, or its answer held a "
+                    "secret that is not kept"}
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        for path in schema.get("paths", {}).values():
+            operation = path.get("post")
+            if not isinstance(operation, dict) or not operation.get("security"):
+                continue
+            responses = operation.setdefault("responses", {})
+            for code, note in notes.items():
+                if code in responses:
+                    responses[code]["description"] = responses[code]["description"].rstrip(".") + "; " + note + "."
+                else:
+                    responses[code] = {"description": note[3].upper() + note[4:] + ".", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

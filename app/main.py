@@ -14,7 +14,7 @@ from app.api import datasets, events, health, jobs, keys, models, uploads
 from app.api import web
 from app.config import get_settings
 from app.errors import install_error_handlers
-from app.idempotency import IdempotencyMiddleware
+from app.idempotency import IdempotencyMiddleware, document_idempotency
 from app.limits import BodySizeLimit
 from app.observability import RequestContext, configure_logging
 from app.security_headers import SecurityHeaders
@@ -71,6 +71,7 @@ def create_app() -> FastAPI:
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
     app.include_router(web.router)  # the browser client at /ui/ (not in the OpenAPI schema)
+    document_idempotency(app)  # the 403/409 a replay may answer, on every POST
     return app
 
 

@@ -109,3 +109,12 @@ def test_a_new_keys_secret_is_never_stored_nor_replayed(pg_stack):
     with psycopg.connect(url) as conn:
         bodies = [bytes(row[0] or b"") for row in conn.execute("SELECT response_body FROM idempotency_keys")]
     assert bodies and not any(secret.encode() in body or secret[4:].encode() in body for body in bodies)
+
+
+def test_openapi_documents_what_a_replay_may_answer(pg_stack):
+    paths = pg_stack.client.get("/openapi.json").json()["paths"]
+    posts = {path: ops["post"] for path, ops in paths.items() if "post" in ops and path.startswith("/v1/")}
+    assert "/v1/api-keys" in posts and "/v1/jobs" in posts
+    for path, operation in posts.items():
+        assert {"403", "409"} <= set(operation["responses"]), path
+        assert "Idempotency-Key" in operation["responses"]["403"]["description"], path
