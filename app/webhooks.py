@@ -37,6 +37,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -237,8 +238,13 @@ def _attempt(claim: Claim, resolver: Resolver | None) -> Outcome:
     key = crypto.decrypt(sealed_secret, context=SECRET_CONTEXT)
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    # The lookup runs on its own small pool so that the deadline holds even while a name
+    # server is slow (getaddrinfo cannot be interrupted; its own timeout ends the thread).
+    lookup = _lookups.submit(address_policy().resolve, parts.hostname or "", port, resolver)
     try:
-        addresses = address_policy().resolve(parts.hostname or "", port, resolver)
+        addresses = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        return Outcome(None, "timeout")
     except AddressNotAllowed:
         return Outcome(None, REFUSED)
     except OSError:  # the name does not resolve
@@ -292,6 +298,9 @@ def _record(claim: Claim, outcome: Outcome, duration_ms: float) -> None:
                                        error=outcome.error, duration_ms=duration_ms))
     log.info("webhook delivery %s attempt %d: %s", claim.delivery_id, number,
              "delivered" if outcome.delivered else outcome.error)
+
+
+_lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-lookup")
 
 
 @lru_cache(maxsize=1)

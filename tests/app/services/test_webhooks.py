@@ -242,6 +242,24 @@ def test_one_deadline_ends_an_attempt_whatever_the_receiver_does(hooks, answer):
     assert hooks.attempts(delivery) == [(None, "timeout")] and receiver.connections == 1
 
 
+def test_the_deadline_holds_while_the_name_server_is_slow(hooks):
+    hooks.settings(webhook_allowed_networks="127.0.0.0/8")
+    receiver = hooks.receiver(status(204))
+    delivery = hooks.queue(receiver)
+    answered = threading.Event()
+
+    def slow_lookup(host, port):
+        answered.wait(60)  # an unanswered DNS query, until the test ends
+        return ["127.0.0.1"]
+
+    claims = claim_due(10, per_tenant=10)
+    try:
+        assert [deliver(claim, slow_lookup).error for claim in claims] == ["timeout"]
+    finally:
+        answered.set()
+    assert hooks.attempts(delivery) == [(None, "timeout")] and receiver.connections == 0
+
+
 def test_the_body_of_an_answer_is_never_read(hooks):
     hooks.settings(webhook_allowed_networks="127.0.0.0/8")
     delivery = hooks.queue(hooks.receiver(endless_body))
