@@ -2,7 +2,8 @@
 
 Starlette spools multipart uploads to temporary files before a route runs, so the limit has to
 be enforced here, on the raw byte stream: first on the declared Content-Length, then by
-counting what actually arrives (a chunked upload declares nothing).
+counting what actually arrives (a chunked upload declares nothing). ``StorageQuotaPrecheck``
+does the same with the tenant's remaining storage for the one-request uploads.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 from collections.abc import Callable
 
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -83,10 +85,63 @@ class BodySizeLimit:
                 await _reject(send, limit)
 
 
+# Multipart framing around the files (boundaries, part headers, the name and metadata fields):
+# a body may declare this much more than the files it carries.
+MULTIPART_FRAMING_BYTES = 64 * 1024
+
+
+class StorageQuotaPrecheck:
+    """A one-request upload (``POST /v1/models``, ``POST /v1/datasets``) whose declared
+    Content-Length cannot fit in what remains of its tenant's storage is refused with 413,
+    naming the numbers, before a byte of the body is read: nothing is spooled to disk for an
+    upload that would be refused after it. (The route checks again with the stored size.)
+
+    ``tenant_storage(authorization)`` returns the caller's ``(used, limit)``, or None for a
+    request without a valid key (the route answers that one with 401)."""
+
+    def __init__(self, app: ASGIApp, paths: dict[str, str],
+                 tenant_storage: Callable[[str], tuple[int, int] | None]):
+        self.app, self.paths, self.tenant_storage = app, paths, tenant_storage
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        param = self.paths.get(scope["path"].rstrip("/")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        headers = dict(scope.get("headers") or []) if param else {}
+        declared, authorization = headers.get(b"content-length", b""), headers.get(b"authorization")
+        if param and declared.isdigit() and authorization:
+            storage = await run_in_threadpool(self.tenant_storage, authorization.decode("latin-1"))
+            if storage is not None:
+                used, limit = storage
+                room = max(0, limit - used)
+                if int(declared) - MULTIPART_FRAMING_BYTES > room:
+                    await _send_413(send, (
+                        f"tenant storage limit: this upload declares {int(declared)} bytes (Content-Length) but "
+                        f"only {room} of the tenant's {limit} bytes remain ({used} used or reserved by pending "
+                        "uploads); delete models, datasets or jobs, or abort uploads, first"), param)
+                    return
+        await self.app(scope, receive, send)
+
+
+def tenant_storage(authorization: str) -> tuple[int, int] | None:
+    """``(bytes used or reserved, limit)`` of the tenant the key acts for; None if no valid key."""
+    from app.auth import Unauthenticated, principal_for
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.services.quotas import storage_used
+
+    with session_scope() as session:
+        try:
+            principal = principal_for(session, authorization)
+        except Unauthenticated:
+            return None
+        return storage_used(session, principal.tenant_id), get_settings().max_tenant_storage_bytes
+
+
 async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"error": {"type": "payload_too_large", "message": f"request body is larger than {limit} bytes", "param": None}}
-    ).encode()
+    await _send_413(send, f"request body is larger than {limit} bytes", None)
+
+
+async def _send_413(send: Send, message: str, param: str | None) -> None:
+    body = json.dumps({"error": {"type": "payload_too_large", "message": message, "param": param}}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -15,10 +15,11 @@ from app.api import web
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.idempotency import IdempotencyMiddleware, document_idempotency
-from app.limits import BodySizeLimit
+from app.limits import BodySizeLimit, StorageQuotaPrecheck, tenant_storage
 from app.observability import RequestContext, configure_logging
 from app.security_headers import SecurityHeaders
 from app.maintenance import Reconciler
+from app.ratelimit import RateLimit, document_rate_limits
 from app.webhooks import Dispatcher
 
 log = logging.getLogger("squeeze.api")
@@ -63,7 +64,11 @@ def create_app() -> FastAPI:
     # Last added runs first: oversized bodies are refused before anything else reads them,
     # and every request, refused or not, gets an id, a log line and a latency observation.
     app.add_middleware(IdempotencyMiddleware)
+    # A one-request upload that cannot fit in its tenant's storage is refused before spooling.
+    app.add_middleware(StorageQuotaPrecheck, tenant_storage=tenant_storage,
+                       paths={f"{settings.api_prefix}/models": "files", f"{settings.api_prefix}/datasets": "file"})
     app.add_middleware(BodySizeLimit, limit_for_path=_body_limit, idle_timeout_s=settings.body_idle_timeout_s)
+    app.add_middleware(RateLimit)  # per API key, before any work is done for the request
     app.add_middleware(RequestContext)
     # Outermost: every answer, the refused ones included, carries the browser headers.
     app.add_middleware(SecurityHeaders)
@@ -71,6 +76,7 @@ def create_app() -> FastAPI:
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
     app.include_router(web.router)  # the browser client at /ui/ (not in the OpenAPI schema)
+    document_rate_limits(app)
     document_idempotency(app)  # the 403/409 a replay may answer, on every POST
     return app
 

@@ -52,7 +52,7 @@ class UploadOut(BaseModel):
     size_bytes: int
     part_size: int
     parts_expected: int
-    status: Literal["pending", "completed", "aborted", "expired"]
+    status: Literal["pending", "completing", "completed", "aborted", "expired"]
     parts: list[PartOut]
     model_id: str | None = None
     dataset_id: str | None = None
@@ -71,10 +71,14 @@ def upload_out(session: Session, upload: Upload) -> dict:
     }
 
 
-@router.post("", status_code=201, response_model=UploadOut, responses=error_responses(400, 409, 413, 422))
+@router.post("", status_code=201, response_model=UploadOut, responses=error_responses(400, 409, 413, 422, 429))
 def create_upload(body: UploadCreate, principal: Principal = Depends(current_principal),
                   session: Session = Depends(get_session), store: LocalStore = Depends(get_store)):
-    """Start a resumable upload; then PUT its parts and complete it."""
+    """Start a resumable upload; then PUT its parts and complete it.
+
+    From now until it is completed, aborted or expired, its ``size_bytes`` counts against the
+    tenant's storage limit (413 when it cannot fit), and a tenant has at most
+    ``SQUEEZE_MAX_PENDING_UPLOADS_PER_TENANT`` pending uploads (429 past that)."""
     upload = service.create_upload(session, store, principal.tenant_id, body.filename, body.size_bytes,
                                    body.purpose, body.part_size)
     return upload_out(session, upload)

@@ -26,7 +26,7 @@ from app.checkpoints import ARCHIVE_SUFFIXES, CheckpointError, plain_file_name
 from app.config import get_settings
 from app.db import repositories
 from app.db.models import Upload, UploadPart, new_id, utcnow
-from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
+from app.errors import APIError, Conflict, NotFound, PayloadTooLarge, TooManyRequests
 from app.services import datasets as dataset_service
 from app.services import models as model_service
 from app.services.quotas import check_storage
@@ -66,7 +66,19 @@ def create_upload(session: Session, store: LocalStore, tenant_id: str, filename:
         raise APIError(f"part_size is at most {settings.upload_part_max_bytes}", param="part_size", status_code=422)
     if math.ceil(size_bytes / part_size) > MAX_PARTS:
         raise APIError(f"at most {MAX_PARTS} parts: raise part_size", param="part_size", status_code=422)
-    check_storage(session, tenant_id, size_bytes, param="size_bytes")
+    # One decision at a time per tenant: two creations cannot both take the last place or bytes.
+    repositories.lock_tenant(session, tenant_id)
+    pending = repositories.pending_upload_count(session, tenant_id, utcnow())
+    if pending >= settings.max_pending_uploads_per_tenant:
+        session.rollback()
+        raise TooManyRequests(
+            f"this tenant has {pending} pending uploads, the most allowed "
+            f"(SQUEEZE_MAX_PENDING_UPLOADS_PER_TENANT); complete or abort one (DELETE /v1/uploads/{{id}}) first")
+    try:
+        check_storage(session, tenant_id, size_bytes, param="size_bytes")
+    except PayloadTooLarge:
+        session.rollback()
+        raise
     upload = Upload(id=new_id("upl"), tenant_id=tenant_id, filename=filename, purpose=purpose,
                     size_bytes=size_bytes, part_size=part_size, status="pending",
                     expires_at=utcnow() + timedelta(seconds=settings.upload_ttl_s))
@@ -158,9 +170,19 @@ def complete_upload(session: Session, store: LocalStore, upload: Upload, sha256:
         assembled.unlink()
         raise APIError(f"sha256 mismatch: the parts assemble to {digest.hexdigest()}; re-send the parts "
                        "that differ and complete again", param="sha256")
+    # While the file is validated the upload is "completing": its reservation no longer counts
+    # (the model or dataset it becomes is checked against the quota at its real size), and a
+    # second complete is a 409. Refused, it is pending again, its parts kept for a retry.
+    upload.status = "completing"
+    session.commit()
     try:
         with assembled.open("rb") as stream:
             result = _ingest(session, store, upload, stream, name, metadata)
+    except BaseException:
+        session.rollback()
+        upload.status = "pending"
+        session.commit()
+        raise
     finally:
         # Refused or not, the assembled copy is done with: the parts stay for a retry.
         assembled.unlink(missing_ok=True)

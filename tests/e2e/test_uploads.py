@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
+import json
 import tarfile
 
 import pytest
 
+from tests.e2e.client import upload_dataset
 from tests.factories import make_checkpoint
 
 PART = 64 * 1024
@@ -96,3 +99,74 @@ def test_limits_answer_413(pg_stack):
     upload = client.post("/v1/uploads", json={"filename": "d.txt", "size_bytes": 10, "purpose": "dataset"}).json()
     assert other.get(f"/v1/uploads/{upload['id']}").status_code == 404
     assert other.put(f"/v1/uploads/{upload['id']}/parts/1", content=b"0123456789").status_code == 404
+
+
+MiB = 1024 * 1024
+LIMIT = 200 * MiB  # the test stacks' tenant storage limit
+
+
+def test_pending_uploads_reserve_their_size_and_are_capped(pg_stack):
+    client = pg_stack.client_for(pg_stack.create_key("tenant-reserving"))
+    big = client.post("/v1/uploads", json={"filename": "m.tar.gz", "size_bytes": 150 * MiB, "purpose": "model"})
+    assert big.status_code == 201, big.text
+    # Nothing is stored yet, but the 150 MiB are reserved: 60 MiB more cannot fit in 200.
+    over = client.post("/v1/uploads", json={"filename": "n.tar.gz", "size_bytes": 60 * MiB, "purpose": "model"})
+    assert over.status_code == 413 and over.json()["error"]["param"] == "size_bytes"
+    assert f"{150 * MiB} of {LIMIT} bytes used or reserved" in over.json()["error"]["message"]
+    # Aborting gives the reservation back.
+    assert client.delete(f"/v1/uploads/{big.json()['id']}").json()["status"] == "aborted"
+    assert client.post("/v1/uploads", json={"filename": "n.tar.gz", "size_bytes": 60 * MiB,
+                                            "purpose": "model"}).status_code == 201
+    # At most SQUEEZE_MAX_PENDING_UPLOADS_PER_TENANT (10) pending at once: the 60 MiB one and 9 more.
+    for n in range(9):
+        assert client.post("/v1/uploads", json={"filename": f"d{n}.txt", "size_bytes": 10,
+                                                "purpose": "dataset"}).status_code == 201
+    capped = client.post("/v1/uploads", json={"filename": "d.txt", "size_bytes": 10, "purpose": "dataset"})
+    assert capped.status_code == 429 and "10 pending uploads" in capped.json()["error"]["message"]
+
+
+def test_completing_an_upload_does_not_count_its_own_reservation(pg_stack, archive):
+    # The model the archive becomes fits beside the filler only if the upload's own reservation
+    # is not counted too (by half the archive's size either way).
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        unpacked = sum(member.size for member in tar.getmembers() if member.isfile())
+    client = pg_stack.client_for(pg_stack.create_key("tenant-completing"))
+    filler = client.post("/v1/uploads", json={"filename": "f.tar.gz", "size_bytes": LIMIT - unpacked - len(archive) // 2,
+                                              "purpose": "model"})
+    assert filler.status_code == 201, filler.text
+    upload = _start(client, archive)
+    for number, start in enumerate(range(0, len(archive), PART), start=1):
+        assert client.put(f"/v1/uploads/{upload['id']}/parts/{number}", content=archive[start:start + PART]).status_code == 200
+    done = client.post(f"/v1/uploads/{upload['id']}/complete", json={"sha256": hashlib.sha256(archive).hexdigest()})
+    assert done.status_code == 201 and done.json()["status"] == "completed", done.text
+
+
+def _declare_only(stack, key: str, path: str, declared: int) -> tuple[int, dict]:
+    """Send the headers of a one-request upload that declares ``declared`` bytes, and not one byte
+    of its body: the answer can only come from the declaration."""
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Authorization", f"Bearer {key}")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=squeeze")
+        connection.putheader("Content-Length", str(declared))
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_one_request_upload_that_cannot_fit_is_refused_before_its_body(pg_stack):
+    key = pg_stack.create_key("tenant-declaring")
+    client = pg_stack.client_for(key)
+    assert client.post("/v1/uploads", json={"filename": "m.tar.gz", "size_bytes": 198 * MiB,
+                                            "purpose": "model"}).status_code == 201
+    status, body = _declare_only(pg_stack, key, "/v1/models", 50 * MiB)
+    assert status == 413 and body["error"]["param"] == "files", body
+    message = body["error"]["message"]
+    assert str(50 * MiB) in message and f"only {2 * MiB} of the tenant's {LIMIT} bytes remain" in message
+    status, body = _declare_only(pg_stack, key, "/v1/datasets", 3 * MiB)  # under the 4 MiB dataset limit
+    assert status == 413 and body["error"]["param"] == "file"
+    # What fits is read and stored as usual.
+    assert upload_dataset(client)["num_records"] > 0
