@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = 8000
+    # `make run` (app/serve.py) stopping: open connections get this long to finish and the
+    # worker this long for its warm shutdown; then they are cut off (the worker's processes by
+    # SIGKILL; a job it was running is queued again like any lost worker's).
+    shutdown_timeout_s: float = Field(default=10.0, gt=0, le=3600)
 
     # Upload limits. Checked while streaming, so a client cannot fill the disk past them.
     max_upload_bytes: int = 20 * GiB
