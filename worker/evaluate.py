@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +40,59 @@ def perplexity(
     ``exp(total negative log-likelihood / tokens scored)``; with one window covering the whole
     text it equals ``exp(model(ids, labels=ids).loss)``.
     """
+    token_ids = token_ids.reshape(-1).to(device)
+    model.eval()
+    nll = NegativeLogLikelihood()
+    for window in windows(token_ids.numel(), seq_len, stride):
+        ids = token_ids[window.begin:window.end]
+        nll.add(model(ids.unsqueeze(0)).logits[0], ids, window)
+    return nll.perplexity()
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` of the text go through the model; those from ``first`` on are
+    scored (the earlier ones are context only)."""
+
+    begin: int
+    end: int
+    first: int
+
+
+def windows(total: int, seq_len: int, stride: int) -> list[Window]:
+    """The sliding windows of ``perplexity`` over ``total`` tokens: every token after the first
+    is scored exactly once."""
     if not 1 <= stride <= seq_len:
         raise ValueError("need 1 <= stride <= seq_len")
-    token_ids = token_ids.reshape(-1).to(device)
-    total = token_ids.numel()
     if total < 2:
         raise ValueError("perplexity needs at least two tokens")
-    model.eval()
-    nll_sum, scored, scored_until = 0.0, 0, 1  # token 0 has no context and is never scored
+    result, scored_until = [], 1  # token 0 has no context and is never scored
     for begin in range(0, total, stride):
         end = min(begin + seq_len, total)
-        window = token_ids[begin:end]
-        logits = model(window.unsqueeze(0)).logits[0].float()
-        # Position p predicts token p + 1; score the targets in [scored_until, end).
-        first = max(scored_until, begin + 1)
-        targets = window[first - begin :]
-        predictions = logits[first - begin - 1 : end - begin - 1]
-        nll_sum += float(F.cross_entropy(predictions, targets, reduction="sum"))
-        scored += targets.numel()
+        result.append(Window(begin, end, max(scored_until, begin + 1)))
         scored_until = end
         if end == total:
             break
-    return math.exp(nll_sum / scored)
+    return result
+
+
+class NegativeLogLikelihood:
+    """The sum over the windows of ``perplexity``, window by window, in whatever order the
+    logits come (the block-by-block engine computes every window's at the end)."""
+
+    def __init__(self) -> None:
+        self.total, self.scored = 0.0, 0
+
+    def add(self, logits: torch.Tensor, window_ids: torch.Tensor, window: Window) -> None:
+        """``logits``: ``[window length, vocab]`` for the window's ``window_ids``."""
+        # Position p predicts token p + 1; score the targets in [first, end).
+        targets = window_ids[window.first - window.begin:]
+        predictions = logits[window.first - window.begin - 1: window.end - window.begin - 1].float()
+        self.total += float(F.cross_entropy(predictions, targets.to(predictions.device), reduction="sum"))
+        self.scored += targets.numel()
+
+    def perplexity(self) -> float:
+        return math.exp(self.total / self.scored)
 
 
 def weight_stats(model: nn.Module) -> dict[str, Any]:

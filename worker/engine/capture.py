@@ -47,11 +47,15 @@ class BlockInputs:
 
     hidden_states: list[torch.Tensor]
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # (other positional args, kwargs)
+    # Where the hidden states wait between blocks: the host when the blocks run on a GPU, so
+    # that the device holds one block and one batch (None: where the block computed them).
+    store: torch.device | None = None
 
     def outputs(self, block: nn.Module) -> Iterator[torch.Tensor]:
         """The block's output hidden states, batch after batch."""
+        device = next(block.parameters()).device
         for hidden_states, (args, kwargs) in zip(self.hidden_states, self.calls):
-            output = block(hidden_states, *args, **kwargs)
+            output = block(hidden_states.to(device), *args, **kwargs)
             # Blocks return a tensor; older transformers returned a tuple, hidden states first.
             yield output[0] if isinstance(output, tuple) else output
 
@@ -59,7 +63,12 @@ class BlockInputs:
         """Become the inputs of the next block: each batch's hidden states are replaced by the
         block's output as soon as it is computed, so only one set is ever held."""
         for index, output in enumerate(self.outputs(block)):
-            self.hidden_states[index] = output
+            self.hidden_states[index] = output if self.store is None else output.to(self.store)
+
+    def copy(self) -> BlockInputs:
+        """Another set of the same inputs, to advance through other blocks (the tensors are
+        shared until one side advances)."""
+        return BlockInputs(list(self.hidden_states), list(self.calls), self.store)
 
 
 class _FirstBlockReached(Exception):
@@ -72,7 +81,8 @@ class _FirstBlockReached(Exception):
 
 @torch.no_grad()
 def first_block_inputs(
-    model: nn.Module, calibration: list[torch.Tensor], device: torch.device
+    model: nn.Module, calibration: list[torch.Tensor], device: torch.device,
+    store: torch.device | None = None,
 ) -> BlockInputs:
     """Run each batch of token ids through the model up to its first decoder block and keep
     what the block would have received. The model computes its embeddings, masks and position
@@ -83,7 +93,7 @@ def first_block_inputs(
     def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise _FirstBlockReached(args, dict(kwargs))
 
-    inputs = BlockInputs(hidden_states=[], calls=[])
+    inputs = BlockInputs(hidden_states=[], calls=[], store=store)
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for token_ids in calibration:
@@ -93,7 +103,7 @@ def first_block_inputs(
                 args, kwargs = caught.args, caught.kwargs
                 # GPT-2 passes the hidden states positionally, most models by keyword.
                 hidden_states = args[0] if args else kwargs.pop("hidden_states")
-                inputs.hidden_states.append(hidden_states)
+                inputs.hidden_states.append(hidden_states if store is None else hidden_states.to(store))
                 inputs.calls.append((tuple(args[1:]), kwargs))
             else:
                 raise RuntimeError(f"{type(model).__name__} never called its first decoder block")

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from app.specs import JobSpec, stage_name
 from worker import evaluate
 from worker.engine import calibration as calib
+from worker.engine.blockwise import Measure, blockwise_refusal, compress_blockwise
 from worker.engine.export import resolve_format, write_checkpoint
 from worker.engine.loading import load_model
 from worker.engine.pipeline import run_pipeline
@@ -123,33 +124,63 @@ def compress(
     evaluation_file = hooks.dataset_file(evaluation.dataset_id) if evaluation else None
 
     enter("load")
-    model = load_model(source_dir, device)
     needs_text = bool(spec.calibration or evaluation) or any(getattr(s, "dataset_id", None) for s in spec.stages)
     tokenizer = (AutoTokenizer.from_pretrained(source_dir, local_files_only=True, trust_remote_code=False)
                  if needs_text else None)
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    config = AutoConfig.from_pretrained(source_dir, local_files_only=True, trust_remote_code=False)
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
     latency_len = min(128, context)
-    before = {**evaluate.checkpoint_stats(source_dir), **_measure(model, latency_len, device)}
-
+    eval_ids = eval_window = stride = None
     if evaluation:
-        enter("evaluate.before")
         eval_ids = calib.token_stream(tokenizer, calib.read_texts(evaluation_file), max_tokens=evaluation.max_tokens)
         eval_window = evaluation.seq_len or min(context, 1024)
         stride = evaluation.stride or max(1, eval_window // 2)
-        before["perplexity"] = evaluate.perplexity(model, eval_ids, eval_window, stride, device)
-        hooks.event("metric", f"perplexity before: {before['perplexity']:.4g}", perplexity_before=before["perplexity"])
-
     batches = None
     if spec.calibration:
         batches = calib.calibration_batches(tokenizer, calib.read_texts(calibration_file), spec.calibration.samples,
                                             spec.calibration.seq_len, spec.calibration.seed)
-
     ctx = EngineContext(device=device, calibration=batches,
                         on_progress=lambda within: hooks.progress(phases.fraction(within)),
                         should_cancel=hooks.should_cancel, tokenizer=tokenizer,
                         resolve_dataset=hooks.dataset_file, resolve_model=hooks.model_dir,
                         source_model_dir=source_dir)
+    evaluation_info = ({"dataset_id": evaluation.dataset_id, "tokens": int(eval_ids.numel()),
+                        "seq_len": eval_window, "stride": stride} if evaluation else None)
     artifact_dir = work_dir / "model"
+
+    whole_model_reason = blockwise_refusal(source_dir, spec)
+    if whole_model_reason is None:
+        # One decoder block in memory at a time: stages, export and measurements in one pass.
+        if evaluation:
+            enter("evaluate.before")
+        result = compress_blockwise(
+            source_dir, spec, artifact_dir, ctx,
+            measure=Measure(eval_ids, eval_window or 0, stride or 0, latency_len),
+            on_stage_start=lambda index, name: enter(name, index))
+        before = {**evaluate.checkpoint_stats(source_dir), **result.before}
+        after = {**evaluate.checkpoint_stats(artifact_dir), **result.after}
+        if evaluation:
+            hooks.event("metric", f"perplexity before: {before['perplexity']:.4g}", perplexity_before=before["perplexity"])
+        hooks.event("metric", "stages finished", stages=result.stage_metrics)
+        enter("export")
+        if evaluation:
+            enter("evaluate.after")
+            hooks.event("metric", f"perplexity after: {after['perplexity']:.4g}", perplexity_after=after["perplexity"])
+        ctx.check_cancelled()
+        return artifact_dir, {
+            "before": before, "after": after, "stages": result.stage_metrics, "evaluation": evaluation_info,
+            "export": result.export_info, "device": str(device), "onloading": "block",
+            "wall_time_s": round(time.monotonic() - started, 3)}
+
+    hooks.event("warning", f"the model is held whole: {whole_model_reason}", onloading="whole")
+    model = load_model(source_dir, device)
+    before = {**evaluate.checkpoint_stats(source_dir), **_measure(model, latency_len, device)}
+
+    if evaluation:
+        enter("evaluate.before")
+        before["perplexity"] = evaluate.perplexity(model, eval_ids, eval_window, stride, device)
+        hooks.event("metric", f"perplexity before: {before['perplexity']:.4g}", perplexity_before=before["perplexity"])
+
     if streaming_refusal(source_dir, spec) is None:
         # Data-free stages only: one read of the checkpoint and one write of the artifact,
         # tensor by tensor, stages and export in one pass (streaming.py); no model needed.
@@ -183,10 +214,11 @@ def compress(
         "before": before,
         "after": after,
         "stages": stage_metrics,
-        "evaluation": ({"dataset_id": evaluation.dataset_id, "tokens": int(eval_ids.numel()),
-                        "seq_len": eval_window, "stride": stride} if evaluation else None),
+        "evaluation": evaluation_info,
         "export": export_info,
         "device": str(device),
+        "onloading": "whole",
+        "whole_model_reason": whole_model_reason,
         "wall_time_s": round(time.monotonic() - started, 3),
     }
     return artifact_dir, metrics

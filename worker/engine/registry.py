@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -76,6 +76,54 @@ class EngineContext:
 
 Handler = Callable[[nn.Module, Any, EngineContext], dict[str, Any]]
 _HANDLERS: dict[type, Handler] = {}
+
+
+class LayerStep(Protocol):
+    """One stage's work on the layers of one decoder block, for the engine that holds one block
+    at a time (``blockwise.py``). A data-aware method's statistic is filled from a layer's
+    inputs while its block runs on the calibration batches (``capture.py``)::
+
+        step = factory(config, ctx)
+        for layer in block_layers:                     # every block in turn
+            step.compress(layer, statistics[layer.name])
+        metrics = step.metrics()                       # as the stage's handler reports them
+
+    A step keeps its metrics as counts: nothing of a block is kept once the block is written."""
+
+    needs_calibration: bool
+
+    def statistic(self, layer: Any) -> Any:
+        """The empty statistic of ``layer`` (only when ``needs_calibration``)."""
+
+    def compress(self, layer: Any, statistic: Any) -> None:
+        """Change ``layer``'s weight (``statistic`` is None for a data-free step)."""
+
+    def metrics(self) -> dict[str, Any]:
+        """The stage's metrics over every layer compressed so far."""
+
+
+StepFactory = Callable[[Any, EngineContext], "LayerStep | None"]
+_STEPS: dict[type, StepFactory] = {}
+
+
+def register_step(config_type: type[BaseModel]) -> Callable[[StepFactory], StepFactory]:
+    """Make ``factory(config, ctx)`` the layer step of stages configured by ``config_type``
+    (None from it: this configuration needs the whole model, e.g. a global threshold)."""
+
+    def decorate(factory: StepFactory) -> StepFactory:
+        if config_type in _STEPS:
+            raise ValueError(f"{config_type.__name__} already has a layer step")
+        _STEPS[config_type] = factory
+        return factory
+
+    return decorate
+
+
+def layer_step(config: BaseModel, ctx: EngineContext) -> LayerStep | None:
+    """The layer step of a stage, or None when its method works only on the whole model."""
+    discover()
+    factory = _STEPS.get(type(config))
+    return factory(config, ctx) if factory is not None else None
 
 # Packages whose family subpackages hold the methods. A test adds its own toy package here.
 METHOD_PACKAGES: list[str] = ["worker.engine"]

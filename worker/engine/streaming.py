@@ -62,8 +62,8 @@ def streaming_refusal(source_dir: Path, spec: JobSpec) -> str | None:
     if needing:
         return f"{', '.join(needing)} needs the model in memory"
     try:
-        with _Source(Path(source_dir)) as source:
-            return source.refusal(_format(spec))
+        with CheckpointSource(Path(source_dir)) as source:
+            return source.refusal(planned_format(spec))
     except Exception as error:  # no safetensors, a config transformers does not know...
         return f"the checkpoint cannot be read tensor by tensor: {error}"
 
@@ -82,8 +82,8 @@ def compress_streaming(
     ``ctx`` brings the progress and cancel hooks. All stages run in one pass, so the first
     stage's phase covers it and the others start when it ends. Raises ``JobCancelled``."""
     on_stage_start = on_stage_start or (lambda index, name: None)
-    fmt = _format(spec)
-    with _Source(Path(source_dir)) as source:
+    fmt = planned_format(spec)
+    with CheckpointSource(Path(source_dir)) as source:
         refusal = source.refusal(fmt)
         if refusal:
             raise ValueError(refusal)
@@ -97,8 +97,8 @@ def compress_streaming(
                     lambda: source.weights_after(spec.stages[:index], thresholds, ctx), stage.sparsity)
                 seconds[index] += time.perf_counter() - started
 
-        steps = [_step(stage, index, thresholds) for index, stage in enumerate(spec.stages)]
-        scheme = _scheme(spec.stages, source.layers) if fmt == "compressed-tensors" else None
+        steps = [data_free_step(stage, index, thresholds) for index, stage in enumerate(spec.stages)]
+        scheme = planned_scheme(spec.stages, source.layers) if fmt == "compressed-tensors" else None
         out_dir = Path(out_dir)
         # A dense artifact holds the checkpoint's tensors: laid out as the checkpoint stores
         # them, its header is the checkpoint's (no larger), whatever order they are computed in.
@@ -135,9 +135,9 @@ def compress_streaming(
     return stage_metrics, export.export_summary(out_dir, fmt, architecture)
 
 
-def _format(spec: JobSpec) -> export.Format:
+def planned_format(spec: JobSpec) -> export.Format:
     # resolve_format asks whether the stages left quantized layers: these stages quantize all.
-    quantizes = any(isinstance(stage, (QuantizeRTN, QuantizeDynamicInt8)) for stage in spec.stages)
+    quantizes = any(getattr(stage, "type", None) == "quantize" for stage in spec.stages)
     planned = EngineContext(quantized={"every compressible layer": None} if quantizes else {})
     return export.resolve_format(spec.output.format, planned)
 
@@ -146,7 +146,7 @@ def _format(spec: JobSpec) -> export.Format:
 # The checkpoint, tensor by tensor, and the model's shape on the meta device
 
 
-class _Source:
+class CheckpointSource:
     """A checkpoint folder opened for reading one tensor at a time, with its model built on the
     ``meta`` device (in the dtype ``load_model`` would give it) for names, types and shapes."""
 
@@ -186,7 +186,7 @@ class _Source:
                 seen.add(id(tensor))
                 self.expected[name] = tensor
 
-    def __enter__(self) -> _Source:
+    def __enter__(self) -> CheckpointSource:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -253,7 +253,7 @@ class _Source:
                       ctx: EngineContext) -> Iterator[torch.Tensor]:
         """The compressible weights, one at a time, as ``stages`` leave them (a pass of its own:
         a global threshold needs every weight before any is written)."""
-        steps = [_step(stage, index, thresholds) for index, stage in enumerate(stages)]
+        steps = [data_free_step(stage, index, thresholds) for index, stage in enumerate(stages)]
         scratch = EngineContext()
         for layer in self.layers:
             ctx.check_cancelled()
@@ -322,7 +322,7 @@ class _Quantize:
         return dynamic.dynamic_int8_metrics(weights) if self.dynamic_inputs else weights
 
 
-def _step(stage: BaseModel, index: int, thresholds: dict[int, magnitude.GlobalThreshold]) -> _Prune | _Quantize:
+def data_free_step(stage: BaseModel, index: int, thresholds: dict[int, magnitude.GlobalThreshold]) -> _Prune | _Quantize:
     """A fresh step for ``stage`` (the ``index``-th): state drawn layer after layer (a random
     generator, the ties left at a global threshold) starts anew with each pass."""
     if isinstance(stage, PruneRandom):
@@ -340,11 +340,13 @@ def _step(stage: BaseModel, index: int, thresholds: dict[int, magnitude.GlobalTh
     raise TypeError(f"{stage_name(stage)} does not stream")
 
 
-def _scheme(stages: list[BaseModel], layers: list[WeightLayer]) -> Any:
+def planned_scheme(stages: list[BaseModel], layers: list[WeightLayer]) -> Any:
     """The compressed-tensors scheme, needed before the first layer is written: from the
     integers each layer will hold (the last quantization stage's, shaped as the layer) and
     whether a dynamic int8 stage quantizes the inputs."""
-    last = [stage for stage in stages if isinstance(stage, (QuantizeRTN, QuantizeDynamicInt8))][-1]
+    # The last quantization stage's integers are the ones stored (RTN, GPTQ: bits, group size,
+    # symmetry in their config; dynamic int8: its fixed weights).
+    last = [stage for stage in stages if getattr(stage, "type", None) == "quantize"][-1]
     weights = dynamic.WEIGHTS if isinstance(last, QuantizeDynamicInt8) else last
     inputs = dynamic.INPUT_BITS if any(isinstance(stage, QuantizeDynamicInt8) for stage in stages) else None
     planned = {

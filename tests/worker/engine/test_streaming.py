@@ -161,7 +161,7 @@ def test_at_most_one_layer_is_held(tmp_path, monkeypatch):
                 storages[storage.data_ptr()] = storage.nbytes()
         peak[0] = max(peak[0], sum(storages.values()))
 
-    read, add = streaming._Source.read, ShardWriter.add
+    read, add = streaming.CheckpointSource.read, ShardWriter.add
 
     def tracked_read(self, name):
         tensor = read(self, name)
@@ -174,7 +174,7 @@ def test_at_most_one_layer_is_held(tmp_path, monkeypatch):
         measure()
         add(self, name, tensor)
 
-    monkeypatch.setattr(streaming._Source, "read", tracked_read)
+    monkeypatch.setattr(streaming.CheckpointSource, "read", tracked_read)
     monkeypatch.setattr(ShardWriter, "add", tracked_add)
     spec = job(PruneMagnitude(sparsity=0.5, scope="global"), QuantizeRTN(bits=8), max_shard_size="100KB")
     compress_streaming(source, spec, tmp_path / "out", EngineContext())

@@ -40,3 +40,19 @@ def pruning_metrics(layers: list[WeightLayer], ctx: EngineContext) -> dict[str, 
 def sparsity_metrics(layers: int, pruned: int, total: int) -> dict[str, Any]:
     """``pruning_metrics`` from counts: ``pruned`` of the ``total`` weights of ``layers`` layers."""
     return {"layers": layers, "sparsity": pruned / total if total else 0.0}
+
+
+class SparsityCount:
+    """``sparsity_metrics`` kept as counts, layer after layer: ``add`` each layer's combined
+    keep-mask once it is final (a block-by-block job keeps no mask past its block)."""
+
+    def __init__(self) -> None:
+        self.layers = self.pruned = self.total = 0
+
+    def add(self, keep: torch.Tensor) -> None:
+        self.layers += 1
+        self.pruned += keep.numel() - int(keep.sum())
+        self.total += keep.numel()
+
+    def metrics(self) -> dict[str, Any]:
+        return sparsity_metrics(self.layers, self.pruned, self.total)

@@ -25,10 +25,10 @@ from app.specs import PruneSparseGPT
 from worker.engine.capture import compress_block_by_block
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
-from worker.engine.prune.masking import apply_keep_mask, pruning_metrics
+from worker.engine.prune.masking import SparsityCount, apply_keep_mask
 from worker.engine.prune.nm import nm_mask
 from worker.engine.prune.wanda import drop_lowest
-from worker.engine.registry import EngineContext, register
+from worker.engine.registry import EngineContext, register, register_step
 
 
 def sparsegpt_prune(
@@ -86,23 +86,45 @@ def sparsegpt_prune(
     return new_weight, ~pruned
 
 
+QUANTIZED_FIRST = "sparsegpt changes the weights it keeps: put it before quantization"
+
+
+class SparseGPTStep:
+    """SparseGPT on one layer at a time (``registry.LayerStep``)."""
+
+    needs_calibration = True
+
+    def __init__(self, config: PruneSparseGPT, ctx: EngineContext):
+        self.config, self.ctx, self.count = config, ctx, SparsityCount()
+
+    def statistic(self, layer: WeightLayer) -> InputHessian:
+        return InputHessian(layer.in_features, self.ctx.device)
+
+    def compress(self, layer: WeightLayer, hessian: InputHessian) -> None:
+        if layer.name in self.ctx.quantized:
+            # The weights kept are changed, so the integers an earlier quantization stored
+            # would no longer describe them.
+            raise ValueError(QUANTIZED_FIRST)
+        config = self.config
+        new_weight, keep = sparsegpt_prune(
+            layer.weight(), hessian.hessian(), config.sparsity, config.n_m,
+            config.block_size, config.dampening, keep=self.ctx.masks.get(layer.name),
+        )
+        layer.set_weight(new_weight)
+        apply_keep_mask(layer, keep, self.ctx)
+        self.count.add(self.ctx.masks[layer.name])
+
+    def metrics(self) -> dict[str, Any]:
+        return self.count.metrics()
+
+
+register_step(PruneSparseGPT)(SparseGPTStep)
+
+
 @register(PruneSparseGPT)
 def prune_sparsegpt(model: nn.Module, config: PruneSparseGPT, ctx: EngineContext) -> dict[str, Any]:
     if ctx.quantized:
-        # The weights kept are changed, so the integers an earlier quantization stored would
-        # no longer describe them.
-        raise ValueError("sparsegpt changes the weights it keeps: put it before quantization")
-
-    def prune(layer: WeightLayer, hessian: InputHessian) -> None:
-        new_weight, keep = sparsegpt_prune(
-            layer.weight(), hessian.hessian(), config.sparsity, config.n_m,
-            config.block_size, config.dampening, keep=ctx.masks.get(layer.name),
-        )
-        layer.set_weight(new_weight)
-        apply_keep_mask(layer, keep, ctx)
-
-    layers = compress_block_by_block(
-        model, ctx, statistic=lambda layer: InputHessian(layer.in_features, ctx.device),
-        compress=prune,
-    )
-    return pruning_metrics(layers, ctx)
+        raise ValueError(QUANTIZED_FIRST)
+    step = SparseGPTStep(config, ctx)
+    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
+    return step.metrics()

@@ -21,8 +21,8 @@ from torch import nn
 from app.specs import PruneWanda
 from worker.engine.capture import compress_block_by_block
 from worker.engine.modules import WeightLayer
-from worker.engine.registry import EngineContext, register
-from worker.engine.prune.masking import apply_keep_mask, pruning_metrics
+from worker.engine.prune.masking import SparsityCount, apply_keep_mask
+from worker.engine.registry import EngineContext, register, register_step
 from worker.engine.prune.nm import nm_mask
 
 
@@ -78,15 +78,32 @@ def drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return keep
 
 
+class WandaStep:
+    """Wanda on one layer at a time (``registry.LayerStep``)."""
+
+    needs_calibration = True
+
+    def __init__(self, config: PruneWanda, ctx: EngineContext):
+        self.config, self.ctx, self.count = config, ctx, SparsityCount()
+
+    def statistic(self, layer: WeightLayer) -> InputNormSquared:
+        return InputNormSquared(layer.in_features, self.ctx.device)
+
+    def compress(self, layer: WeightLayer, norms: InputNormSquared) -> None:
+        # Weights an earlier stage pruned are 0, score 0 and are the first dropped again.
+        keep = wanda_mask(layer.weight(), norms.norm_squared(), self.config.sparsity, self.config.n_m)
+        apply_keep_mask(layer, keep, self.ctx)
+        self.count.add(self.ctx.masks[layer.name])
+
+    def metrics(self) -> dict[str, Any]:
+        return self.count.metrics()
+
+
+register_step(PruneWanda)(WandaStep)
+
+
 @register(PruneWanda)
 def prune_wanda(model: nn.Module, config: PruneWanda, ctx: EngineContext) -> dict[str, Any]:
-    def prune(layer: WeightLayer, norms: InputNormSquared) -> None:
-        # Weights an earlier stage pruned are 0, score 0 and are the first dropped again.
-        keep = wanda_mask(layer.weight(), norms.norm_squared(), config.sparsity, config.n_m)
-        apply_keep_mask(layer, keep, ctx)
-
-    layers = compress_block_by_block(
-        model, ctx, statistic=lambda layer: InputNormSquared(layer.in_features, ctx.device),
-        compress=prune,
-    )
-    return pruning_metrics(layers, ctx)
+    step = WandaStep(config, ctx)
+    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
+    return step.metrics()

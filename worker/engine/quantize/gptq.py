@@ -29,7 +29,7 @@ from worker.engine.capture import compress_block_by_block
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
 from worker.engine.quantize.rtn import QuantizedWeight, dequantize, quantize_rtn
-from worker.engine.registry import EngineContext, register
+from worker.engine.registry import EngineContext, register, register_step
 
 
 def gptq_quantize(
@@ -106,31 +106,47 @@ def gptq_quantize(
     )
 
 
-@register(QuantizeGPTQ)
-def quantize_gptq(model: nn.Module, config: QuantizeGPTQ, ctx: EngineContext) -> dict[str, Any]:
-    max_abs_error = 0.0
+class GPTQStep:
+    """GPTQ on one layer at a time (``registry.LayerStep``)."""
 
-    def quantize(layer: WeightLayer, hessian: InputHessian) -> None:
-        nonlocal max_abs_error
-        weight = layer.weight()
+    needs_calibration = True
+
+    def __init__(self, config: QuantizeGPTQ, ctx: EngineContext):
+        self.config, self.ctx = config, ctx
+        self.layers, self.max_abs_error = 0, 0.0
+
+    def statistic(self, layer: WeightLayer) -> InputHessian:
+        return InputHessian(layer.in_features, self.ctx.device)
+
+    def compress(self, layer: WeightLayer, hessian: InputHessian) -> None:
+        config, weight = self.config, layer.weight()
         quantized = gptq_quantize(
             weight, hessian.hessian(), config.bits, config.group_size, config.symmetric,
-            config.dampening, config.act_order, config.block_size, keep=ctx.masks.get(layer.name),
+            config.dampening, config.act_order, config.block_size, keep=self.ctx.masks.get(layer.name),
         )
         dequantized = dequantize(quantized)
-        max_abs_error = max(max_abs_error, float((weight.float() - dequantized).abs().max()))
+        self.max_abs_error = max(self.max_abs_error, float((weight.float() - dequantized).abs().max()))
         layer.set_weight(dequantized)
-        ctx.quantized[layer.name] = quantized
+        self.ctx.quantized[layer.name] = quantized
+        self.layers += 1
 
-    layers = compress_block_by_block(
-        model, ctx, statistic=lambda layer: InputHessian(layer.in_features, ctx.device),
-        compress=quantize,
-    )
-    return {
-        "layers": len(layers),
-        "bits": config.bits,
-        "group_size": config.group_size,
-        "symmetric": config.symmetric,
-        "act_order": config.act_order,
-        "max_abs_error": max_abs_error,
-    }
+    def metrics(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "layers": self.layers,
+            "bits": config.bits,
+            "group_size": config.group_size,
+            "symmetric": config.symmetric,
+            "act_order": config.act_order,
+            "max_abs_error": self.max_abs_error,
+        }
+
+
+register_step(QuantizeGPTQ)(GPTQStep)
+
+
+@register(QuantizeGPTQ)
+def quantize_gptq(model: nn.Module, config: QuantizeGPTQ, ctx: EngineContext) -> dict[str, Any]:
+    step = GPTQStep(config, ctx)
+    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
+    return step.metrics()
