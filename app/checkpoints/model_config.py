@@ -1,4 +1,6 @@
-"""config.json: is it a causal LM Squeeze compresses, and is it a sane size?
+"""config.json: is it a causal LM Squeeze compresses, does it leave *how* it is loaded to
+Squeeze (no kernel, quantizer or class chosen: ``LOADING_DIRECTIVES``, a 422), and is it a sane
+size?
 
 Its sizes are bounded first, then it is built with transformers' ``AutoConfig`` and checked
 again with the defaults filled in::
