@@ -19,9 +19,18 @@ from tests.factories import make_checkpoint
 BACKLOG = 4
 
 
-@pytest.fixture
-def fair_stack(tmp_path):
-    stack = ServiceStack.postgres_redis(tmp_path / "s", max_running_jobs_per_tenant="1", fair_share_retry_s="0.5")
+FAIR = {"max_running_jobs_per_tenant": "1", "fair_share_retry_s": "0.5"}
+
+
+@pytest.fixture(params=["postgres_redis", "embedded"])
+def fair_stack(request, tmp_path):
+    """One worker that runs two jobs at once: on PostgreSQL + Redis, and embedded (SQLite and the
+    filesystem broker, whose worker holds the re-sent messages until they are due)."""
+    if request.param == "embedded":
+        with ServiceStack.embedded(tmp_path / "e", worker_concurrency="2", **FAIR) as stack:
+            yield stack
+        return
+    stack = ServiceStack.postgres_redis(tmp_path / "s", **FAIR)
     stack.start(with_worker=False)
     try:
         stack.start_worker(concurrency=2)
