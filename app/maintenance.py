@@ -48,10 +48,17 @@ def reconcile_once() -> tuple[int, int]:
     swept = sweep_storage()
     if swept:
         log.info("swept %d abandoned temporary files and folders", swept)
-    pruned = prune_expired()
-    if any(pruned.values()):
-        log.info("pruned past their retention: %s", pruned)
+    global _last_prune
+    if time.monotonic() - _last_prune >= PRUNE_EVERY_S:  # retention is in days: no need every round
+        _last_prune = time.monotonic()
+        pruned = prune_expired()
+        if any(pruned.values()):
+            log.info("pruned past their retention: %s", pruned)
     return reclaimed, sent
+
+
+PRUNE_EVERY_S = 600.0
+_last_prune = -PRUNE_EVERY_S  # the first round prunes
 
 
 # Rows deleted per statement: a first prune of a large table never holds one huge transaction.
