@@ -39,10 +39,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import GPT2LMHeadModel
 
 from app.specs import JobSpec, stage_name
 from worker import evaluate
 from worker.engine import export
+from worker.engine.gpt_bigcode import BigCodeTwin
 from worker.engine.capture import BlockInputs, _calibrate, first_block_inputs
 from worker.engine.modules import WeightLayer
 from worker.engine.onload import OnloadedModel
@@ -80,7 +82,7 @@ def blockwise_refusal(source_dir: Path, spec: JobSpec) -> str | None:
             return f"{stage_name(stage)} needs the whole model"
     try:
         with CheckpointSource(Path(source_dir)) as source:
-            return source.refusal(planned_format(spec))
+            return source.refusal(planned_format(spec), converts_gpt2=True)
     except Exception as error:  # no safetensors, a config transformers does not know...
         return f"the checkpoint cannot be read block by block: {error}"
 
@@ -139,9 +141,14 @@ def compress_blockwise(
     seconds = [0.0] * len(steps)
     with OnloadedModel(Path(source_dir), device) as onloaded:
         source, model, blocks = onloaded.source, onloaded.model, onloaded.blocks
-        refusal = source.refusal(fmt)
+        refusal = source.refusal(fmt, converts_gpt2=True)
         if refusal:
             raise ValueError(refusal)
+        # compressed-tensors knows only nn.Linear: a GPT-2 is written as its GPTBigCode twin,
+        # converted a tensor at a time.
+        twin = (BigCodeTwin(model) if fmt == "compressed-tensors" and isinstance(model, GPT2LMHeadModel)
+                else None)
+        convert = twin.tensor if twin is not None else (lambda name, tensor: tensor)
         on_stage_start(0, stage_name(spec.stages[0]))
         if any(step.needs_calibration for step in steps) and not ctx.calibration:
             raise ValueError("this method needs calibration data (the job's calibration section)")
@@ -172,7 +179,7 @@ def compress_blockwise(
             inside = f"{onloaded.prefix}."
             for name, tensor in model.state_dict().items():
                 if not name.startswith(inside) and name in source.expected:
-                    writer.add(name, tensor)
+                    writer.add(name, convert(name, tensor))
             for index in range(len(blocks)):
                 ctx.step(index * len(steps), total)
                 block = onloaded.onload(index)
@@ -193,7 +200,7 @@ def compress_blockwise(
                         ctx.check_cancelled()
                         step.compress(layer, found.pop(layer.name, None))
                     seconds[position] += time.perf_counter() - started
-                _write_block(writer, block, f"{onloaded.prefix}.{index}", layers, ctx, scheme)
+                _write_block(writer, block, f"{onloaded.prefix}.{index}", layers, ctx, scheme, twin)
                 after.add(list(block.parameters()), layers)
                 if latency_ids is not None:
                     block_seconds["after"] += _time(lambda: list(latency_inputs.outputs(block)), measure.repeats, device)
@@ -208,7 +215,7 @@ def compress_blockwise(
         ctx.on_progress(1.0)
         for index in range(1, len(spec.stages)):
             on_stage_start(index, stage_name(spec.stages[index]))
-        architecture = source.write_config(out_dir, fmt, scheme)
+        architecture = source.write_config(out_dir, fmt, scheme, twin)
         export.copy_tokenizer_files(source.folder, out_dir)
 
         result = BlockwiseResult(
@@ -234,18 +241,22 @@ def compress_blockwise(
 
 
 def _write_block(writer: ShardWriter, block: nn.Module, prefix: str, layers: list[WeightLayer],
-                 ctx: EngineContext, scheme: Any) -> None:
+                 ctx: EngineContext, scheme: Any, twin: BigCodeTwin | None) -> None:
     """The block's tensors into the artifact: a quantized layer's weight as its integers and
-    scales (compressed-tensors), everything else as the block holds it."""
+    scales (compressed-tensors), everything else as the block holds it (as ``twin`` stores
+    it, for a GPT-2 written as GPTBigCode)."""
     quantized_weights = {f"{layer.name}.weight": layer for layer in layers} if scheme is not None else {}
     for local, tensor in block.state_dict().items():
         name = f"{prefix}.{local}"
         layer = quantized_weights.get(name)
         if layer is None:
-            writer.add(name, tensor)
-        else:
-            for key, value in export.layer_tensors(layer.name, ctx.quantized[layer.name], scheme.weights).items():
-                writer.add(key, value)
+            writer.add(name, twin.tensor(name, tensor) if twin is not None else tensor)
+            continue
+        quantized = ctx.quantized[layer.name]
+        if twin is not None:
+            quantized = twin.quantized(layer.name, quantized)
+        for key, value in export.layer_tensors(layer.name, quantized, scheme.weights).items():
+            writer.add(key, value)
 
 
 class _WeightCount:

@@ -192,8 +192,10 @@ class CheckpointSource:
     def __exit__(self, *exc_info: object) -> None:
         self._files.close()
 
-    def refusal(self, fmt: export.Format) -> str | None:
-        if fmt == "compressed-tensors" and isinstance(self.model, GPT2LMHeadModel):
+    def refusal(self, fmt: export.Format, converts_gpt2: bool = False) -> str | None:
+        """Why this checkpoint cannot be written in ``fmt`` tensor by tensor (``converts_gpt2``:
+        the caller writes a compressed GPT-2 as its GPTBigCode twin)."""
+        if fmt == "compressed-tensors" and isinstance(self.model, GPT2LMHeadModel) and not converts_gpt2:
             return "a compressed GPT-2 is written as its GPTBigCode twin, converted in memory"
         if fmt == "compressed-tensors" and not self.layers:
             return "no layer to quantize"
@@ -265,9 +267,9 @@ class CheckpointSource:
             scratch.masks.clear()
             scratch.quantized.clear()
 
-    def write_config(self, out_dir: Path, fmt: export.Format, scheme: Any) -> str:
-        """``config.json`` (and ``generation_config.json``) as the in-memory export writes them;
-        returns the architecture."""
+    def write_config(self, out_dir: Path, fmt: export.Format, scheme: Any, twin: Any = None) -> str:
+        """``config.json`` (and ``generation_config.json``) as the in-memory export writes them
+        (``twin``: a GPT-2 written as its ``gpt_bigcode.BigCodeTwin``); returns the architecture."""
         if fmt == "dense":
             # What save_pretrained writes for a model of this dtype.
             self.model.config.architectures = [type(self.model).__name__]
@@ -275,7 +277,7 @@ class CheckpointSource:
             if self.model.can_generate():
                 self.model.generation_config.save_pretrained(out_dir)
             return type(self.model).__name__
-        config = export.saved_config(self.model)
+        config = twin.config() if twin is not None else export.saved_config(self.model)
         config["dtype"] = str(self.model.dtype).removeprefix("torch.")  # of the tensors left in float
         quantized_names = [layer.name for layer in self.layers]
         config["quantization_config"] = export.quantization_config(
