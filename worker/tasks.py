@@ -232,6 +232,10 @@ def describe_failure(exc: BaseException, settings) -> tuple[str, str]:
         isinstance(exc, RuntimeError) and any(s in text for s in ("allocate memory", "out of memory", "not enough memory")))
     if isinstance(exc, ExceedsWorkerMemory):
         return "exceeds_worker_memory", text
+    from worker.engine.registry import DeviceOutOfMemory  # the engine loads with the job
+
+    if isinstance(exc, DeviceOutOfMemory):  # its text names the block and the GPU's numbers
+        return "out_of_memory", text
     if out_of_memory:
         limit = settings.job_memory_limit_bytes
         budget = (f" (a job may use {limit / 2**20:.0f} MiB: SQUEEZE_JOB_MEMORY_LIMIT_BYTES)" if limit else "")

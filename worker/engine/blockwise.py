@@ -48,7 +48,7 @@ from worker.engine.gpt_bigcode import BigCodeTwin
 from worker.engine.capture import BlockInputs, _calibrate, first_block_inputs
 from worker.engine.modules import WeightLayer
 from worker.engine.onload import OnloadedModel
-from worker.engine.registry import EngineContext, LayerStep, layer_step
+from worker.engine.registry import DeviceOutOfMemory, EngineContext, LayerStep, layer_step
 from worker.engine.shards import ShardWriter
 from worker.engine.streaming import (DATA_FREE, CheckpointSource, data_free_step, planned_format,
                                      planned_scheme)
@@ -175,13 +175,16 @@ def compress_blockwise(
         layout = source.layout() if scheme is None else None
         out_dir = Path(out_dir)
         total = len(blocks) * len(steps)
-        with ShardWriter(out_dir, spec.output.max_shard_bytes, layout=layout) as writer:
+        working_on = ["the parts outside the decoder blocks"]  # for a GPU's out-of-memory error
+        with _device_memory_named(device, working_on), \
+                ShardWriter(out_dir, spec.output.max_shard_bytes, layout=layout) as writer:
             inside = f"{onloaded.prefix}."
             for name, tensor in model.state_dict().items():
                 if not name.startswith(inside) and name in source.expected:
                     writer.add(name, convert(name, tensor))
             for index in range(len(blocks)):
                 ctx.step(index * len(steps), total)
+                working_on[0] = f"{onloaded.prefix}.{index} (block {index + 1} of {len(blocks)})"
                 block = onloaded.onload(index)
                 if on_block is not None:
                     on_block(onloaded, index)
@@ -238,6 +241,23 @@ def compress_blockwise(
                         nll.add(replay(number, ids.unsqueeze(0)).logits[0], ids, window)
                 figures["perplexity"] = nll.perplexity()
     return result
+
+
+@contextmanager
+def _device_memory_named(device: torch.device, where: list[str]) -> Iterator[None]:
+    """The allocator's out-of-memory error becomes ``DeviceOutOfMemory`` naming what was being
+    worked on (``where[0]``, kept current by the caller) and, on a GPU, the device's numbers
+    (allocated, reserved, capacity)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        numbers = ""
+        if device.type == "cuda":
+            allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+            capacity = torch.cuda.get_device_properties(device).total_memory
+            numbers = (f": {allocated / 2**30:.2f} GiB allocated, {reserved / 2**30:.2f} GiB reserved "
+                       f"of {capacity / 2**30:.2f} GiB")
+        raise DeviceOutOfMemory(f"{device} ran out of memory in {where[0]}{numbers}; {error}") from error
 
 
 def _write_block(writer: ShardWriter, block: nn.Module, prefix: str, layers: list[WeightLayer],

@@ -106,12 +106,27 @@ def compress(
 ) -> tuple[Path, dict[str, Any]]:
     """Run ``spec``'s stages on the checkpoint in ``source_dir`` and write the artifact to
     ``work_dir / "model"``; return that folder and the metrics. Raises ``JobCancelled`` when
-    ``hooks.should_cancel()`` turns true. ``device="auto"``: the GPU if there is one."""
+    ``hooks.should_cancel()`` turns true. ``device="auto"``: the GPU if there is one; on a GPU
+    the metrics hold ``device_peak_bytes`` and a device out of memory raises
+    ``DeviceOutOfMemory`` naming the block."""
     hooks = hooks or _NoHooks()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    source_dir, work_dir = Path(source_dir), Path(work_dir)
+    if device.type != "cuda":
+        return _compress(Path(source_dir), spec, Path(work_dir), device, hooks)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        artifact_dir, metrics = _compress(Path(source_dir), spec, Path(work_dir), device, hooks)
+        metrics["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        return artifact_dir, metrics
+    finally:
+        # The next job on this worker starts with the device as empty as this one found it.
+        torch.cuda.empty_cache()
+
+
+def _compress(source_dir: Path, spec: JobSpec, work_dir: Path, device: torch.device,
+              hooks: JobHooks) -> tuple[Path, dict[str, Any]]:
     phases = Phases(spec)
     started = time.monotonic()
 

@@ -86,7 +86,14 @@ class OnloadedModel:
             name = prefix + local
             # The stored name of this tensor (a tied one may be stored under its twin's name).
             key = next((alias for alias in self._names_of.get(id(tensor), [name]) if alias in stored), name)
-            _assign(self.model, self._names_of.get(id(tensor), [name]), self.source.read(key).to(self.device))
+            _assign(self.model, self._names_of.get(id(tensor), [name]), self._read(key))
+
+    def _read(self, name: str) -> torch.Tensor:
+        """A stored tensor on the device. For a GPU it is read into page-locked host memory
+        and copied without a staging copy; the read of the next tensor overlaps the copy."""
+        if self.device.type != "cuda":
+            return self.source.read(name)
+        return self.source.read(name, pin=True).to(self.device, non_blocking=True)
 
     def _materialise_outside_blocks(self) -> None:
         """Every parameter and buffer not in a block onto the device: the stored ones read from
@@ -97,7 +104,7 @@ class OnloadedModel:
             if aliases[0].startswith(inside):
                 continue
             key = next((alias for alias in aliases if alias in self.source.expected), aliases[0])
-            _assign(self.model, aliases, self.source.read(key).to(self.device))
+            _assign(self.model, aliases, self._read(key))
         persistent = set(self.model.state_dict())
         owners = set()
         for name, buffer in self.model.named_buffers():

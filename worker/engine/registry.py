@@ -35,6 +35,11 @@ class JobCancelled(Exception):
     """Raised between layers when ``should_cancel()`` says the job was cancelled."""
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The compute device (a GPU) ran out of memory; the message names the block being worked
+    on and the device's numbers, so that the job's error says what did not fit where."""
+
+
 def _ignore_progress(fraction: float) -> None:
     pass
 

@@ -213,15 +213,16 @@ class CheckpointSource:
         stored = sorted(self._where.items(), key=lambda item: (self._file_order[item[1][0]], item[1][2].begin))
         return [(name, self.expected[name].dtype, entry.shape) for name, (_, _, entry) in stored]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The stored tensor, in the dtype the model in memory would hold it.
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        """The stored tensor, in the dtype the model in memory would hold it (``pin``: in
+        page-locked host memory, for a fast asynchronous copy to a GPU).
 
         Read with plain positioned reads into a tensor of its own rather than through
         ``safe_open``'s memory map: a mapped page once touched stays in the process's resident
         memory until the file is closed, so mapping would make the whole checkpoint resident
         by the end of the pass."""
         handle, data_start, entry = self._where[name]
-        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8, pin_memory=pin)
         buffer, done = raw.numpy(), 0
         while done < len(buffer):  # one read() returns at most ~2 GiB
             got = os.preadv(handle.fileno(), [buffer[done:]], data_start + entry.begin + done)

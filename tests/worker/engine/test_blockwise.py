@@ -142,3 +142,42 @@ def test_a_cancelled_block_job_writes_no_artifact(checkpoints, tmp_path):
         compress(checkpoints("llama"), job(QuantizeGPTQ(bits=4, group_size=32)), tmp_path, device="cpu",
                  hooks=CancelAtSecondBlock())
     assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_running_out_of_device_memory_names_the_block(checkpoints, tmp_path, monkeypatch):
+    """The allocator's error where a block's work runs becomes the job's ``out_of_memory``,
+    naming the block; nothing of the artifact is left."""
+    from app.config import get_settings
+    from worker.engine.prune.wanda import WandaStep
+    from worker.engine.registry import DeviceOutOfMemory
+    from worker.tasks import describe_failure
+
+    def exhausted(self, layer, norms):
+        raise torch.OutOfMemoryError("Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(WandaStep, "compress", exhausted)
+    batches = calib.calibration_batches(tokenizer(), [CORPUS_FILE.read_text()], 2, 16, 0)
+    with pytest.raises(DeviceOutOfMemory) as raised:
+        compress_blockwise(checkpoints("llama"), job(PruneWanda(sparsity=0.5)), tmp_path / "out",
+                           EngineContext(calibration=batches))
+    message = str(raised.value)
+    assert message == "cpu ran out of memory in model.layers.0 (block 1 of 2); Tried to allocate 2.00 GiB"
+    assert describe_failure(raised.value, get_settings()) == ("out_of_memory", message)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_gpu_out_of_memory_gives_the_devices_numbers(monkeypatch):
+    """What a GPU's error adds: the numbers torch.cuda reports for the device (stood in for:
+    this machine has none)."""
+    from worker.engine.blockwise import _device_memory_named
+    from worker.engine.registry import DeviceOutOfMemory
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 31 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Properties", (), {"total_memory": 32 * 2**30}))
+    with pytest.raises(DeviceOutOfMemory) as raised:
+        with _device_memory_named(torch.device("cuda:1"), ["model.layers.7 (block 8 of 32)"]):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert str(raised.value) == ("cuda:1 ran out of memory in model.layers.7 (block 8 of 32): 30.00 GiB allocated, "
+                                 "31.00 GiB reserved of 32.00 GiB; CUDA out of memory. Tried to allocate 2.00 GiB")
