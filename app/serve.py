@@ -8,9 +8,9 @@ Stopping (Ctrl-C's SIGINT, or SIGTERM, to this process or its process group) end
 this starts within ``SQUEEZE_SHUTDOWN_TIMEOUT_S`` and a few seconds:
 
 - the worker runs in a process group of its own, so the terminal's signal reaches only this
-  launcher, which alone stops the worker: SIGTERM at once (Celery's warm shutdown: it finishes
-  or abandons its job), then SIGKILL to the worker's whole group (its pool processes too) at
-  the deadline;
+  launcher, which alone stops the worker: SIGTERM to its main process at once (Celery's warm
+  shutdown, which waits for a running job), then SIGKILL to the worker's whole group (its pool
+  processes too) at the deadline;
 - the API stops taking requests and gives open ones (event streams) until the deadline;
 - a watchdog ends everything at the deadline plus a margin, whatever else hangs;
 - if this launcher is killed outright, the kernel kills the worker (``PR_SET_PDEATHSIG``), and
@@ -82,8 +82,9 @@ class WorkerProcess:
         self.group = process.pid  # start_new_session: the group is named after its leader
 
     def ask_to_stop(self) -> None:
+        # The main process only, as Celery expects: it stops its own pool (warm shutdown).
         if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self, deadline: float) -> None:
         """Ask, wait until ``deadline`` (a ``time.monotonic()``), then kill the whole group."""
