@@ -4,7 +4,8 @@ spec, before anything is loaded. It is an upper bound on what the engine uses *a
 (``worker/engine``): each term below says what it counts, and the constants that follow the
 engine's choices are named, so that a change of the engine is a change of one number here.
 
-A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 5632)::
+A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 5632) runs one
+decoder block at a time::
 
     facts = ModelFacts(num_parameters=720_000_000, size_bytes=1_440_000_000, dtype="bfloat16",
                        config={"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
@@ -13,18 +14,62 @@ A GPTQ job on a 0.72 B-parameter bfloat16 Llama (hidden 2048, 16 layers, MLP 563
     spec = JobSpec.model_validate({"model_id": "mdl_1", "stages": [{"type": "quantize", "method": "gptq"}],
                                    "calibration": {"dataset_id": "ds_1", "samples": 16, "seq_len": 256}})
     estimate = estimate_job(spec, {"mdl_1": facts}, {"ds_1": 50_000_000})
-    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes   # about 7.4 GB, 3.3 GB, 0.8 GB
-    estimate.as_json()["host"]      # {"phase": "work", "largest_stage": 0, "terms": {"process": 1073741824,
-                                    #  "checkpoint_mapped": 1440000000, "weights": 1440000000,
-                                    #  "compression_state": 732168192, "export": 1851609088,
-                                    #  "allocator_slack": 819566592}}
+    estimate.onloading                                                  # "block"
+    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes     # about 3.0 GB, 2.6 GB, 0.8 GB
+    estimate.as_json()["host"]      # {"phase": "block", "largest_stage": 0, "terms": {"process": 1073741824,
+                                    #  "outside_blocks": 131072000, "block": 88132608, "block_written": 88132608,
+                                    #  "compression_state": 45760512, "calibration": 17825792,
+                                    #  "block_arguments": 1115136, "latency": 1048576, "token_ids": 67109888,
+                                    #  "stage": 1269825536, "allocator_slack": 256503398}}
 
 The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
 GPU worker's host memory; the device figure is what a GPU worker needs on its device. The
-peak is the largest of the job's phases (``load``, ``work``, ``reload``), each a sum of the
-terms alive in it; the terms are:
+peak is the largest of the job's phases, each a sum of the terms alive in it.
+
+Which path a job takes is the engine's choice (``worker/engine/compress.py``), made again here
+by ``whole_model_reason``: a job whose stages all work layer by layer (``BLOCKWISE_STAGES``)
+runs **block by block**; any other job holds the model **whole**. ``onloading``
+says which (``"block"`` / ``"whole"``, as the job's metrics do).
+
+Block by block (``worker/engine/blockwise.py``), the phases are ``read`` (the datasets read and
+tokenized) and ``block`` (one pass over the decoder blocks); the model is never loaded whole,
+nor the checkpoint mapped (its tensors are read with positioned reads), nor the artifact read
+back. The terms are:
 
 - ``process``: the worker process itself (Python, torch, transformers), ``process_bytes``.
+- ``text``: a dataset read and tokenized (its text, several bytes per character, and the
+  token lists), for the largest dataset the job reads (``read`` only: it is freed before the
+  pass).
+- ``token_ids``: the ids kept of each dataset tokenized (the evaluation's and the calibration's
+  tokenized prefixes, of which their ids are views) and the latency input's.
+- ``outside_blocks``: what lies outside the decoder blocks (embeddings, ``lm_head`` unless
+  tied, the final norm) in the checkpoint's dtype: the parameters not in the blocks' layers.
+- ``block``: one decoder block's weights as read from the checkpoint, in its dtype.
+- ``block_written``: the block's tensors again, as they pass through the shard writer (host
+  copies, packed integers and scales).
+- ``compression_state``: one block's keep-masks and quantized integers with their scales (the
+  engine drops them once the block is written).
+- ``calibration``: the calibration batches' hidden states at one block boundary
+  (``samples x seq_len x hidden`` in the checkpoint's dtype, one more while a batch is replaced).
+- ``evaluation``: the evaluation windows' hidden states at one block boundary, twice (the
+  model as uploaded and as compressed advance separately): ``windows x window x hidden``.
+- ``block_arguments``: what every batch and window passes a block beside its hidden states
+  (position ids, rotary tables), kept for the whole pass.
+- ``latency``: the latency input's hidden states (``1 x 128 x hidden``) and its output.
+- ``stage``: the stage that needs the most on one block (``largest_stage``): the float32 work
+  of compressing the largest layer (for GPTQ and SparseGPT the inverse-Hessian sweep of the
+  widest input), the block's statistics (Hessians, ``in_features^2`` float32 per distinct
+  input; Wanda's input norms) and one calibration batch through the block.
+- ``forward``: one evaluation window (or the latency input) through a block, or through the
+  parts outside the blocks with its logits (``window x vocab`` float32, with the log-softmax's
+  temporaries).
+- ``allocator_slack``, ``device_runtime``: as below.
+
+Of ``stage`` and ``forward``, which follow one another, only the larger counts.
+
+With the model held whole, the phases are ``load``, ``work`` and ``reload``, and the terms:
+
+- ``process``: as above.
 - ``checkpoint_mapped``: the checkpoint's files, memory-mapped while the model lives.
 - ``weights``: the model as the engine holds it, ``num_parameters x weight_bytes_per_parameter``.
 - ``load_copy``: a second copy of the weights while they are converted to the engine's dtype.
@@ -32,8 +77,7 @@ terms alive in it; the terms are:
 - ``compression_state``: what stages leave for later ones and the export: keep-masks (a byte
   per weight of the decoder blocks' layers) and quantized integers with their scales.
 - ``evaluation_tokens``: the evaluation's token ids, kept from ``before`` to ``after``.
-- ``text``: a dataset read and tokenized (its text, several bytes per character, and the
-  token lists), for the largest dataset the job reads.
+- ``text``: as above.
 - ``evaluation`` / ``forward``: one evaluation window's / the latency measurement's forward
   pass (eager attention scores, MLP intermediates, the logits and their log-softmax).
 - ``stage``: the stage that needs the most (``largest_stage``): the float32 temporaries of
@@ -44,12 +88,15 @@ terms alive in it; the terms are:
   ``batch_size x seq_len`` through every layer and the logits with their loss temporaries.
 - ``export``: the artifact's tensors converted and serialized before they are written.
 - ``artifact_mapped`` / ``artifact_weights``: the artifact read back, for the ``after`` numbers.
+
+Of ``text``, ``evaluation``, ``forward``, ``stage`` and ``export``, which follow one another,
+only the largest counts. On either path:
+
 - ``allocator_slack``: memory freed but kept by the allocator, ``ALLOCATOR_SLACK_PERCENT`` of
   the phase's other terms but the process (host only).
 - ``device_runtime``: the CUDA context and library workspaces (device only).
 
-Of ``text``, ``evaluation``, ``forward``, ``stage`` and ``export``, which follow one another,
-only the largest counts. Disk: the artifact folder (weights, config, tokenizer files) and its tar.
+Disk: the artifact folder (weights, config, tokenizer files) and its tar.
 """
 
 from __future__ import annotations
@@ -58,7 +105,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from app.specs import CalibrationSpec, DistillKD, JobSpec, QuantizeDynamicInt8
+from app.specs import CalibrationSpec, DistillKD, EvaluationSpec, JobSpec, QuantizeDynamicInt8, stage_name
 
 GiB = 1024**3
 MiB = 1024**2
@@ -109,6 +156,11 @@ DEVICE_RUNTIME_BYTES = 1 * GiB
 # Tokens calibration and distillation read at least (worker/engine/calibration.py, distill/train.py).
 CALIBRATION_TOKENS_PER_WINDOW = 16
 MIN_TOKENS_READ = 1 << 20
+# calibration.token_stream tokenizes a prefix of the documents about this many characters per
+# wanted token long, and the ids it returns are a view of that prefix's: all of them stay.
+TOKENIZED_PREFIX_PER_TOKEN = 8
+# The latency measurement's input (evaluate.latency_ms_per_token, blockwise.Measure).
+LATENCY_TOKENS = 128
 # Artifact files beside the weights (config.json, the safetensors headers and index).
 ARTIFACT_SLACK_BYTES = 1 * MiB
 TAR_SLACK_BYTES = 1 * MiB  # a tar's member headers, padding and end blocks
@@ -172,6 +224,13 @@ class Shape:
                    self.hidden * self.intermediate, self.query_width * self.hidden)
 
     @property
+    def block_vector_parameters(self) -> int:
+        """A block's parameters beside its linear weights, at most: two norms with biases and a
+        bias on every layer's outputs."""
+        return (4 * self.hidden + self.query_width + 2 * self.kv_heads * self.head_dim + self.hidden
+                + (self.mlp_matrices - 1) * self.intermediate + self.hidden)
+
+    @property
     def widest_input(self) -> int:
         return max(self.hidden, self.intermediate, self.query_width)
 
@@ -217,6 +276,35 @@ def model_shape(facts: ModelFacts) -> Shape:
     )
 
 
+# -- Which path the engine takes: worker/engine/compress.py runs a job block by block when
+# ``blockwise.blockwise_refusal`` gives no reason, and holds the model whole otherwise. ------
+
+# Stages the engine runs one decoder block at a time (a layer step, or a data-free method that
+# needs no more than the layer: a magnitude threshold per layer, not a global one). Every
+# artifact format is written block by block (a compressed GPT-2 as its GPTBigCode twin, a
+# tensor at a time).
+BLOCKWISE_STAGES = frozenset({"prune.random", "prune.magnitude", "prune.wanda", "prune.sparsegpt",
+                              "quantize.rtn", "quantize.gptq", "quantize.dynamic_int8"})
+
+
+def whole_model_reason(spec: JobSpec) -> str | None:
+    """Why the engine will hold ``spec``'s model whole; None when it runs block by block::
+
+        whole_model_reason(JobSpec.model_validate({"model_id": "mdl_1", "stages": [
+            {"type": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global"}]}))
+        # "prune.magnitude needs the whole model"
+
+    The engine also holds whole a checkpoint that stores tensors under other names than the
+    model's (old GPT-2 files without the ``transformer.`` prefix, or with its attention-mask
+    buffers), which a model's recorded facts do not tell: such a job is estimated block by
+    block, below what it will use."""
+    for stage in spec.stages:
+        name = stage_name(stage)
+        if name not in BLOCKWISE_STAGES or getattr(stage, "scope", "layer") == "global":
+            return f"{name} needs the whole model"
+    return None
+
+
 @dataclass(frozen=True)
 class Term:
     name: str
@@ -236,6 +324,7 @@ class JobEstimate:
     phases: dict[str, list[Term]]
     disk_terms: dict[str, int]
     assumptions: dict[str, Any]
+    onloading: str = "whole"  # "block": one decoder block at a time; "whole": the model held whole
 
     def host_terms(self) -> dict[str, int]:
         return {term.name: term.bytes for term in self.phases[self.host_phase]}
@@ -256,6 +345,7 @@ class JobEstimate:
             "host_bytes": self.host_bytes,
             "device_bytes": self.device_bytes,
             "disk_bytes": self.disk_bytes,
+            "onloading": self.onloading,
             "host": {"phase": self.host_phase, "terms": self.host_terms(), "largest_stage": self.largest_stage},
             "device": {"terms": self.device_terms()},
             "disk": {"terms": dict(self.disk_terms)},
@@ -283,18 +373,67 @@ def estimate_job(
     dataset_bytes = dataset_bytes or {}
     facts = models[spec.model_id]
     shape = model_shape(facts)
-    params = facts.num_parameters
-    weight_bytes = weight_bytes_per_parameter(facts.dtype)
-    linear = shape.block_linear_parameters(params)
-    prunes = [s for s in spec.stages if s.type == "prune"]
-    quantizes = [s for s in spec.stages if s.type == "quantize"]
     distills = [s for s in spec.stages if isinstance(s, DistillKD)]
 
     # The model that comes out: an uploaded student replaces the job's model.
     out_facts = next((models[s.student_model_id] for s in distills if s.student_model_id), facts)
     out_shape = model_shape(out_facts)
     out_params = out_facts.num_parameters
-    out_linear = out_shape.block_linear_parameters(out_params)
+    out_weight_bytes = weight_bytes_per_parameter(out_facts.dtype)
+    artifact = _artifact_weights_bytes(spec, out_params, out_shape.block_linear_parameters(out_params),
+                                       out_weight_bytes, out_shape)
+
+    texts = [_text_bytes(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
+             if spec.evaluation else 0]
+    if spec.calibration:
+        texts.append(_text_bytes(dataset_bytes.get(spec.calibration.dataset_id), _calibration_tokens_read(spec.calibration)))
+    for stage in distills:
+        wanted = math.ceil(max(2 * stage.steps * stage.batch_size * stage.seq_len, MIN_TOKENS_READ) / 0.9)
+        texts.append(_text_bytes(dataset_bytes.get(stage.dataset_id), wanted))
+
+    reason = whole_model_reason(spec)
+    if reason is None:
+        phases, largest_stage = _block_phases(spec, facts, shape, max(texts), dataset_bytes, process_bytes)
+    else:
+        phases, largest_stage = _whole_model_phases(spec, models, facts, shape, out_facts, artifact, max(texts),
+                                                    process_bytes)
+    phases = {name: [term for term in terms if term.bytes] for name, terms in phases.items()}
+    for terms in phases.values():
+        own = sum(term.bytes for term in terms if term.name != "process")
+        terms.append(Term("allocator_slack", own * ALLOCATOR_SLACK_PERCENT // 100, False))
+    host_phase = max(phases, key=lambda name: sum(term.bytes for term in phases[name]))
+    device = max(_device_sum(terms) for terms in phases.values())
+
+    artifact_folder = artifact + out_facts.other_files_bytes + ARTIFACT_SLACK_BYTES
+    disk_terms = {"artifact": artifact_folder, "artifact_tar": artifact_folder + TAR_SLACK_BYTES}
+    assumptions: dict[str, Any] = {"weight_bytes_per_parameter": weight_bytes_per_parameter(facts.dtype),
+                                   "config_read": not shape.assumed, "process_bytes": process_bytes}
+    if reason is not None:
+        assumptions["whole_model_reason"] = reason
+    return JobEstimate(
+        host_bytes=sum(term.bytes for term in phases[host_phase]),
+        device_bytes=device + DEVICE_RUNTIME_BYTES,
+        disk_bytes=sum(disk_terms.values()),
+        host_phase=host_phase,
+        largest_stage=largest_stage,
+        phases=phases,
+        disk_terms=disk_terms,
+        assumptions=assumptions,
+        onloading="whole" if reason else "block",
+    )
+
+
+def _whole_model_phases(spec: JobSpec, models: Mapping[str, ModelFacts], facts: ModelFacts, shape: Shape,
+                        out_facts: ModelFacts, artifact: int, text: int,
+                        process_bytes: int) -> tuple[dict[str, list[Term]], int]:
+    """The model held whole: loaded, worked on, exported, its artifact read back."""
+    params = facts.num_parameters
+    weight_bytes = weight_bytes_per_parameter(facts.dtype)
+    linear = shape.block_linear_parameters(params)
+    prunes = [s for s in spec.stages if s.type == "prune"]
+    quantizes = [s for s in spec.stages if s.type == "quantize"]
+    distills = [s for s in spec.stages if isinstance(s, DistillKD)]
+    out_params = out_facts.num_parameters
     out_weight_bytes = weight_bytes_per_parameter(out_facts.dtype)
 
     state = 0
@@ -304,28 +443,15 @@ def estimate_job(
         group = min(getattr(s, "group_size", None) or shape.hidden for s in quantizes)
         state += linear * QUANTIZED_BYTES_PER_WEIGHT + math.ceil(linear / group) * QUANTIZED_BYTES_PER_GROUP
 
-    artifact = _artifact_weights_bytes(spec, out_params, out_linear, out_weight_bytes, out_shape)
-
     evaluation_bytes = 0  # one window's forward pass; the token ids are a term of their own
     if spec.evaluation:
-        evaluation_bytes = _forward_bytes(shape, 1, spec.evaluation.seq_len or min(shape.context, 1024))
-    latency = _forward_bytes(shape, 1, min(128, shape.context))
-
-    texts = [_text_bytes(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
-             if spec.evaluation else 0]
-    if spec.calibration:
-        wanted = max(CALIBRATION_TOKENS_PER_WINDOW * spec.calibration.samples * spec.calibration.seq_len,
-                     MIN_TOKENS_READ)
-        texts.append(_text_bytes(dataset_bytes.get(spec.calibration.dataset_id), wanted))
-    for stage in distills:
-        wanted = math.ceil(max(2 * stage.steps * stage.batch_size * stage.seq_len, MIN_TOKENS_READ) / 0.9)
-        texts.append(_text_bytes(dataset_bytes.get(stage.dataset_id), wanted))
+        evaluation_bytes = _forward_bytes(shape, 1, _evaluation_window(spec.evaluation, shape))
+    latency = _forward_bytes(shape, 1, min(LATENCY_TOKENS, shape.context))
 
     # One stage runs at a time: the largest stage's needs (on the device, but for a teacher's
     # file mapped while it loads: counted there too, which only over-states the device).
     stage_works = [_stage_bytes(stage, spec.calibration, facts, shape, models) for stage in spec.stages]
     stage_work = max(stage_works)
-    largest_stage = stage_works.index(stage_work)
     export = artifact + out_params * out_weight_bytes
     evaluation_tokens = spec.evaluation.max_tokens * 8 if spec.evaluation else 0
     student_weights = sum(models[s.student_model_id].num_parameters * weight_bytes_per_parameter(
@@ -346,7 +472,7 @@ def estimate_job(
                  Term("compression_state", state, True),
                  Term("evaluation_tokens", evaluation_tokens, False),
                  # These follow one another: only the largest counts.
-                 _largest([Term("text", max(texts), False),
+                 _largest([Term("text", text, False),
                            Term("evaluation", evaluation_bytes, True),
                            Term("forward", latency, True),
                            Term("stage", stage_work, True),
@@ -359,26 +485,74 @@ def estimate_job(
                    Term("evaluation_tokens", evaluation_tokens, False),
                    Term("forward", max(evaluation_bytes, latency), True)],
     }
-    phases = {name: [term for term in terms if term.bytes] for name, terms in phases.items()}
-    for terms in phases.values():
-        own = sum(term.bytes for term in terms if term.name != "process")
-        terms.append(Term("allocator_slack", own * ALLOCATOR_SLACK_PERCENT // 100, False))
-    host_phase = max(phases, key=lambda name: sum(term.bytes for term in phases[name]))
-    device = max(_device_sum(terms) for terms in phases.values())
+    return phases, stage_works.index(stage_work)
 
-    artifact_folder = artifact + out_facts.other_files_bytes + ARTIFACT_SLACK_BYTES
-    disk_terms = {"artifact": artifact_folder, "artifact_tar": artifact_folder + TAR_SLACK_BYTES}
-    return JobEstimate(
-        host_bytes=sum(term.bytes for term in phases[host_phase]),
-        device_bytes=device + DEVICE_RUNTIME_BYTES,
-        disk_bytes=sum(disk_terms.values()),
-        host_phase=host_phase,
-        largest_stage=largest_stage,
-        phases=phases,
-        disk_terms=disk_terms,
-        assumptions={"weight_bytes_per_parameter": weight_bytes, "config_read": not shape.assumed,
-                     "process_bytes": process_bytes},
-    )
+
+def _block_phases(spec: JobSpec, facts: ModelFacts, shape: Shape, text: int, dataset_bytes: Mapping[str, int],
+                  process_bytes: int) -> tuple[dict[str, list[Term]], int]:
+    """One decoder block at a time (``worker/engine/blockwise.py``): the datasets are read and
+    tokenized first (``read``), then one pass over the blocks holds what ``block`` sums."""
+    params = facts.num_parameters
+    weight_bytes = weight_bytes_per_parameter(facts.dtype)  # the blocks compute in it too
+    linear = shape.block_linear_parameters(params)
+    block_linear = math.ceil(linear / shape.layers)
+    quantizes = [s for s in spec.stages if s.type == "quantize"]
+
+    state = 0  # of one block: nothing of a block is kept past its writing
+    if any(s.type == "prune" for s in spec.stages):
+        state += block_linear
+    if quantizes:
+        group = min(getattr(s, "group_size", None) or shape.hidden for s in quantizes)
+        state += block_linear * QUANTIZED_BYTES_PER_WEIGHT + math.ceil(block_linear / group) * QUANTIZED_BYTES_PER_GROUP
+
+    latency_tokens = min(LATENCY_TOKENS, shape.context)
+    calibration = evaluation = 0
+    arguments = _block_call_bytes(shape, latency_tokens, weight_bytes)
+    calibrated = spec.calibration is not None and any(s.requires_calibration for s in spec.stages)
+    if calibrated:
+        samples, tokens = spec.calibration.samples, spec.calibration.seq_len
+        calibration = (samples + 1) * tokens * shape.hidden * weight_bytes
+        arguments += samples * _block_call_bytes(shape, tokens, weight_bytes)
+    window = 0
+    if spec.evaluation:
+        window = _evaluation_window(spec.evaluation, shape)
+        tokens = _evaluation_tokens(spec.evaluation, dataset_bytes.get(spec.evaluation.dataset_id))
+        stride = spec.evaluation.stride or max(1, window // 2)
+        windows = 1 if tokens <= window else math.ceil((tokens - window) / stride) + 1
+        window = min(window, tokens)
+        evaluation = 2 * (windows + 1) * window * shape.hidden * weight_bytes  # before and after
+        arguments += windows * _block_call_bytes(shape, window, weight_bytes)
+    token_ids = 8 * latency_tokens
+    if spec.evaluation:
+        token_ids += 8 * _kept_tokens(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
+    if spec.calibration:  # tokenized whenever there is a calibration section
+        token_ids += 8 * _kept_tokens(dataset_bytes.get(spec.calibration.dataset_id),
+                                      _calibration_tokens_read(spec.calibration))
+
+    stage_works = [_block_stage_bytes(stage, spec.calibration if calibrated else None, shape) for stage in spec.stages]
+    stage_work = max(stage_works)
+    block = (block_linear + shape.block_vector_parameters) * weight_bytes
+    # At least the embedding (and an untied lm_head), whatever the parameter count says.
+    embeddings = (1 if facts.config.get("tie_word_embeddings", True) else 2) * shape.vocab * shape.hidden
+    phases = {
+        "read": [Term("process", process_bytes, False),
+                 Term("text", text, False),
+                 Term("token_ids", token_ids, False)],
+        "block": [Term("process", process_bytes, False),
+                  Term("outside_blocks", max(params - linear, embeddings) * weight_bytes, True),
+                  Term("block", block, True),
+                  Term("block_written", block, False),
+                  Term("compression_state", state, True),
+                  Term("calibration", calibration, False),
+                  Term("evaluation", evaluation, False),
+                  Term("block_arguments", arguments, True),
+                  Term("latency", 2 * latency_tokens * shape.hidden * weight_bytes, True),
+                  Term("token_ids", token_ids, False),
+                  # These follow one another: only the largest counts.
+                  _largest([Term("stage", stage_work, True),
+                            Term("forward", _forward_bytes(shape, 1, max(window, latency_tokens)), True)])],
+    }
+    return phases, stage_works.index(stage_work)
 
 
 def _stage_bytes(stage, calibration: CalibrationSpec | None, facts: ModelFacts, shape: Shape,
@@ -392,6 +566,52 @@ def _stage_bytes(stage, calibration: CalibrationSpec | None, facts: ModelFacts, 
     if stage.requires_calibration:
         work += _calibration_bytes(calibration, shape, stage.method)
     return work
+
+
+def _block_stage_bytes(stage, calibration: CalibrationSpec | None, shape: Shape) -> int:
+    """One stage on one block: the float32 work of compressing its largest layer (GPTQ and
+    SparseGPT: the inverse-Hessian sweep of the widest input) beside the block's statistics
+    (one per distinct input: q, k and v share theirs, so do a gated MLP's gate and up; GPT-2
+    and OPT read the same four widths), and one calibration batch through the block while
+    they are filled."""
+    work = shape.largest_layer_weights * LAYER_WORK_BYTES_PER_WEIGHT
+    if stage.method in ("gptq", "sparsegpt"):
+        work += SWEEP_SQUARE_MATRICES * shape.widest_input**2 * FLOAT32
+    if calibration is not None and stage.requires_calibration:
+        inputs = (shape.hidden, shape.query_width, shape.hidden, shape.intermediate)  # attention, output, MLP, down
+        if stage.method in ("gptq", "sparsegpt"):
+            work += sum(width * width for width in inputs) * FLOAT32
+        elif stage.method == "wanda":
+            work += sum(inputs) * FLOAT32
+        work += _forward_bytes(shape, 1, calibration.seq_len, logits=False)
+    return work
+
+
+def _block_call_bytes(shape: Shape, tokens: int, weight_bytes: int) -> int:
+    """What a batch passes a block beside its hidden states, kept for every block: position ids
+    and the rotary tables (no ``[T, T]`` mask: attention is ``sdpa``, causal by itself)."""
+    return tokens * 8 + 2 * tokens * shape.head_dim * weight_bytes
+
+
+def _evaluation_window(evaluation: EvaluationSpec, shape: Shape) -> int:
+    return evaluation.seq_len or min(shape.context, 1024)
+
+
+def _evaluation_tokens(evaluation: EvaluationSpec, file_bytes: int | None) -> int:
+    """The tokens evaluated: ``max_tokens``, or fewer in a smaller dataset (a token is at least
+    a byte of its file)."""
+    return max(2, min(evaluation.max_tokens, file_bytes if file_bytes is not None else evaluation.max_tokens))
+
+
+def _calibration_tokens_read(calibration: CalibrationSpec) -> int:
+    return max(CALIBRATION_TOKENS_PER_WINDOW * calibration.samples * calibration.seq_len, MIN_TOKENS_READ)
+
+
+def _kept_tokens(file_bytes: int | None, tokens_wanted: int) -> int:
+    """The token ids kept of a dataset tokenized for ``tokens_wanted``: the whole tokenized
+    prefix (``TOKENIZED_PREFIX_PER_TOKEN``), never more tokens than the file has bytes."""
+    prefix = TOKENIZED_PREFIX_PER_TOKEN * tokens_wanted
+    return prefix if file_bytes is None else min(prefix, file_bytes)
 
 
 def _largest(terms: list[Term]) -> Term:
