@@ -45,7 +45,7 @@ from app.specs import JobSpec, stage_name
 from worker import evaluate
 from worker.engine import export
 from worker.engine.gpt_bigcode import BigCodeTwin
-from worker.engine.capture import BlockInputs, _calibrate, first_block_inputs
+from worker.engine.capture import block_statistics, first_block_inputs
 from worker.engine.modules import WeightLayer
 from worker.engine.onload import OnloadedModel
 from worker.engine.registry import DeviceOutOfMemory, EngineContext, LayerStep, layer_step
@@ -197,7 +197,7 @@ def compress_blockwise(
                 for position, step in enumerate(steps):
                     ctx.step(index * len(steps) + position, total)
                     started = time.perf_counter()
-                    found = (_calibrate(block, layers, calibration, step.statistic)
+                    found = (block_statistics(block, layers, calibration, step.statistic)
                              if step.needs_calibration else {})
                     for layer in layers:
                         ctx.check_cancelled()

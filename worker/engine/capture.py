@@ -156,7 +156,7 @@ def compress_block_by_block(
     for index, block in enumerate(blocks):
         block_layers = [layer for layer in layers if layer.name.startswith(f"{prefix}.{index}.")]
         ctx.step(done, len(layers))
-        statistics = _calibrate(block, block_layers, inputs, statistic)
+        statistics = block_statistics(block, block_layers, inputs, statistic)
         for layer in block_layers:
             ctx.step(done, len(layers))
             compress(layer, statistics.pop(layer.name))  # pop: freed once the layer is done
@@ -166,7 +166,7 @@ def compress_block_by_block(
     return layers
 
 
-def _calibrate(
+def block_statistics(
     block: nn.Module,
     layers: list[WeightLayer],
     inputs: BlockInputs,
