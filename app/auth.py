@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey
-from app.db.session import get_session
+from app.db.session import read_scope
 from app.errors import APIError
 
 KEY_PREFIX = "sqz_"
@@ -84,11 +84,12 @@ bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: B
 
 
 def current_principal(
-    request: Request,
-    session: Session = Depends(get_session),
-    _credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(bearer)
 ) -> Principal:
-    principal = principal_for(session, request.headers.get("authorization"))
+    # A session of its own, closed before the route runs: the lookup never holds a connection
+    # while the request waits for a thread (see app/db/session.py).
+    with read_scope() as session:
+        principal = principal_for(session, request.headers.get("authorization"))
     request.state.principal = principal  # for logs and idempotency
     return principal
 

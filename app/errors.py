@@ -28,10 +28,12 @@ class APIError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, status_code: int | None = None):
+    def __init__(self, message: str, *, param: str | None = None, status_code: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}  # e.g. Retry-After on a 429
         if status_code is not None:
             self.status_code = status_code
 
@@ -109,7 +111,9 @@ def _unknown_stage_field(stage: Any) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return envelope(exc.status_code, exc.error_type, exc.message, exc.param)
+        response = envelope(exc.status_code, exc.error_type, exc.message, exc.param)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import Principal, current_principal
-from app.db.models import Job, JobStatus
-from app.db.session import get_session, session_scope
+from app.config import get_settings
+from app.db.session import get_session, read_scope
 from app.errors import error_responses
 from app.schemas import JobEventOut, Page, WebhookDeliveryOut
+from app.services import event_streams as streams
 from app.services import events as service
 from app.services.jobs import get_job
 from app.webhooks import deliveries_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404))
-
-POLL_S = 0.5
-KEEPALIVE_S = 15.0
-MAX_STREAM_S = 6 * 3600
 
 
 @router.get("/{job_id}/events", response_model=Page[JobEventOut], responses=error_responses(422))
@@ -40,25 +36,48 @@ def list_events(
     return {"data": [service.as_dict(e) for e in rows], "has_more": has_more}
 
 
+async def stream_slot(principal: Principal = Depends(current_principal)) -> AsyncIterator[Principal]:
+    """One of the caller's open-stream places, held until the response has been sent."""
+    streams.slots().take(principal)
+    try:
+        yield principal
+    finally:
+        streams.slots().give_back(principal)
+
+
+def _check_job(tenant_id: str, job_id: str) -> None:
+    with read_scope() as session:
+        get_job(session, tenant_id, job_id)  # 404 for a job of another tenant
+
+
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "`id:`, `event:` (the event type) and `data:` (the event as JSON) "
-                                    "per event; the stream ends after the job's final status."},
+                                    "per event, a `: keep-alive` comment when nothing happened for a while; "
+                                    "the stream ends after the job's final status, or after "
+                                    "`SQUEEZE_EVENT_STREAM_MAX_S` (reopen it with `Last-Event-ID`)."},
+               429: {**error_responses(429)[429],
+                     "description": "The key or its tenant has as many event streams open as it may.",
+                     "headers": {"Retry-After": {"description": "Seconds to wait before asking again.",
+                                                 "schema": {"type": "integer"}}}},
                **error_responses(422)},
 )
-def stream_events(
+async def stream_events(
     job_id: str,
     after: int | None = Query(default=None, ge=0, description="resume after this event id"),
     last_event_id: str | None = Header(default=None, description="set by EventSource on reconnect"),
-    principal: Principal = Depends(current_principal),
-    session: Session = Depends(get_session),
+    principal: Principal = Depends(stream_slot),
 ):
-    """Server-Sent Events until the job ends. Reconnecting with ``Last-Event-ID`` resumes."""
-    get_job(session, principal.tenant_id, job_id)
+    """Server-Sent Events until the job ends. Reconnecting with ``Last-Event-ID`` resumes.
+
+    A waiting stream holds no server thread; each key and each tenant may hold only so many
+    open (``SQUEEZE_EVENT_STREAMS_PER_KEY``, ``SQUEEZE_EVENT_STREAMS_PER_TENANT``)."""
+    await run_in_threadpool(_check_job, principal.tenant_id, job_id)
     cursor = after if after is not None else (int(last_event_id) if (last_event_id or "").isdigit() else None)
-    return StreamingResponse(_events(job_id, cursor), media_type="text/event-stream",
+    return StreamingResponse(streams.follow(job_id, cursor, get_settings().event_stream_max_s),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -69,24 +88,3 @@ def list_webhook_deliveries(
     """Every webhook delivery of the job, with each attempt's status code or error."""
     get_job(session, principal.tenant_id, job_id)
     return {"data": deliveries_for(session, job_id), "has_more": False}
-
-
-def _events(job_id: str, cursor: int | None) -> Iterator[str]:
-    started = last_sent = time.monotonic()
-    while time.monotonic() - started < MAX_STREAM_S:
-        with session_scope() as session:
-            rows, has_more = service.page(session, job_id, after=cursor, limit=200)
-            job = session.get(Job, job_id)
-            finished = job is None or JobStatus(job.status).is_terminal
-            payloads = [(e.id, e.type, json.dumps(service.as_dict(e))) for e in rows]
-        for event_id, event_type, data in payloads:
-            yield f"id: {event_id}\nevent: {event_type}\ndata: {data}\n\n"
-            cursor = event_id
-            last_sent = time.monotonic()
-        if finished and not has_more:
-            return  # the final status event was committed with the status: it has been sent
-        if time.monotonic() - last_sent > KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if not has_more:
-            time.sleep(POLL_S)

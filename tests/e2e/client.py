@@ -32,3 +32,15 @@ def wait_for(client: httpx.Client, job_id: str, statuses=("succeeded", "failed",
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+
+
+def submit_job(client: httpx.Client, folder: Path) -> dict:
+    """A small model uploaded from ``folder`` and one quick job on it (RTN int8), as submitted;
+    on a stack without a worker it stays queued."""
+    from tests.factories import make_checkpoint
+
+    model = upload_model(client, make_checkpoint(folder))
+    response = client.post("/v1/jobs", json={"model_id": model["id"],
+                                             "stages": [{"type": "quantize", "method": "rtn", "bits": 8}]})
+    assert response.status_code == 201, response.text
+    return response.json()

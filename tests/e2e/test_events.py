@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from contextlib import ExitStack
 
 import httpx
+import pytest
 
-from tests.e2e.client import upload_dataset, upload_model, wait_for
+from tests.e2e.client import submit_job, upload_dataset, upload_model, wait_for
+from tests.e2e.stack import ServiceStack
 from tests.factories import make_checkpoint
 
 
@@ -66,3 +70,81 @@ def test_events_of_another_tenant_are_404(pg_stack):
     assert other.get(f"/v1/jobs/{job_id}/events").status_code == 404
     assert other.get(f"/v1/jobs/{job_id}/events/stream").status_code == 404
     assert httpx.get(f"{pg_stack.url}/v1/jobs/{job_id}/events").status_code == 401
+
+
+# -- limits: open streams per key and per tenant, and a stream's lifetime ----------------------
+
+@pytest.fixture(scope="module")
+def capped_stack(tmp_path_factory):
+    """No worker (its job stays queued, so its streams stay open), two streams per key, three
+    per tenant."""
+    workdir = tmp_path_factory.mktemp("capped-streams")
+    stack = ServiceStack.postgres_redis(workdir, event_streams_per_key="2", event_streams_per_tenant="3")
+    stack.start(with_worker=False)
+    try:
+        stack.job_id = submit_job(stack.client, workdir / "model")["id"]
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _open(client: httpx.Client, job_id: str, streams: ExitStack) -> httpx.Response:
+    response = streams.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events/stream"))
+    if response.status_code != 200:
+        response.read()
+    return response
+
+
+def test_open_streams_are_capped_per_key_and_per_tenant(capped_stack):
+    stack, job_id = capped_stack, capped_stack.job_id
+    first, second = stack.client, stack.client_for(stack.create_key("tenant-a"))
+    with ExitStack() as streams:
+        assert [_open(first, job_id, streams).status_code for _ in range(2)] == [200, 200]
+        refused = _open(first, job_id, streams)
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert "API key" in refused.json()["error"]["message"]
+
+        # Another key of the tenant has places of its own, up to the tenant's three.
+        assert _open(second, job_id, streams).status_code == 200
+        refused = _open(second, job_id, streams)
+        assert refused.status_code == 429 and "tenant" in refused.json()["error"]["message"]
+        assert int(refused.headers["Retry-After"]) > 0
+
+        # Another tenant is not counted with this one: it gets the usual 404 for the job.
+        outsider = stack.client_for(stack.create_key("tenant-streams-other"))
+        assert _open(outsider, job_id, streams).status_code == 404
+
+    # Closed streams give their places back (the server sees each disconnect).
+    deadline = time.monotonic() + 60
+    while True:
+        with first.stream("GET", f"/v1/jobs/{job_id}/events/stream") as response:
+            status = response.status_code
+        if status != 429:
+            break
+        assert time.monotonic() < deadline, "the closed streams' places never came back"
+        time.sleep(0.2)
+    assert status == 200
+
+
+def test_a_stream_ends_at_its_time_limit_and_resumes(tmp_path):
+    stack = ServiceStack.postgres_redis(tmp_path / "stack", event_stream_max_s="2")
+    stack.start(with_worker=False)
+    try:
+        job = submit_job(stack.client, tmp_path / "model")
+        with stack.client.stream("GET", f"/v1/jobs/{job['id']}/events/stream") as response:
+            assert response.status_code == 200
+            body = response.read().decode()  # returns: the server ended the stream
+        events = _parse_sse(body)
+        assert [e["data"]["data"]["status"] for e in events] == ["queued"]
+        assert "time limit" in body and "Last-Event-ID" in body
+        assert stack.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+        # Reopened with the last id: nothing again, and again it ends by itself.
+        resumed = stack.client.get(f"/v1/jobs/{job['id']}/events/stream",
+                                   headers={"Last-Event-ID": str(events[-1]["id"])})
+        assert resumed.status_code == 200 and _parse_sse(resumed.text) == []
+        assert "time limit" in resumed.text
+    finally:
+        stack.stop()
