@@ -38,8 +38,16 @@ class Settings(BaseSettings):
     )
     queue_name: str = "squeeze-jobs"
     storage_root: Path | None = Field(
-        default=None, description="artifact folder (shared between API and workers)"
+        default=None, description="artifact folder (shared between API and workers); with "
+        "storage_url set, this process's own scratch folder (staging, a worker's model cache)"
     )
+    # Object storage (app/storage/): unset keeps everything in storage_root; s3://bucket/prefix
+    # puts models, datasets and artifacts in any S3-compatible store (endpoint and credentials
+    # from the standard AWS_* settings, never from SQUEEZE_*).
+    storage_url: str | None = Field(default=None, pattern=r"^s3://[^/]+(/.*)?$")
+    storage_presign_downloads: bool = False  # artifact downloads redirect (307) to a presigned URL
+    storage_presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
+    scratch_cache_max_bytes: int = Field(default=50 * GiB, ge=0)  # a worker's cache of recent models
 
     api_prefix: str = "/v1"
     log_level: str = "INFO"

@@ -16,7 +16,7 @@ import socket
 import tarfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,7 +290,7 @@ class JobRunner:
             if self._finish(JobStatus.SUCCEEDED, metrics=metrics, **artifact):
                 self._remove_other_artifacts(store, keep=artifact["artifact_key"])
             else:  # no longer ours (presumed dead, or cancelled meanwhile): leave no file behind
-                (store.path("artifacts", artifact["artifact_key"])).unlink(missing_ok=True)
+                store.delete_key(f"artifacts/{artifact['artifact_key']}")
         except JobCancelled:
             if self.heartbeat is not None and self.heartbeat.lost:
                 log.warning("job %s was handed to another worker; this attempt stops", self.job_id)
@@ -316,9 +316,9 @@ class JobRunner:
 
     def _remove_other_artifacts(self, store, keep: str) -> None:
         # Attempts write under their own name; once one has won, the others' files go.
-        for path in (store.root / "artifacts").glob(f"{self.job_id}-attempt*.tar"):
-            if path.name != keep:
-                path.unlink(missing_ok=True)
+        for key in store.list(f"artifacts/{self.job_id}-attempt"):
+            if key != f"artifacts/{keep}":
+                store.delete_key(key)
 
     def _finish(self, status: JobStatus, *, metrics=None, error=None, **artifact) -> bool:
         values = {"status": status.value, "finished_at": utcnow(), "metrics": metrics,
@@ -358,11 +358,17 @@ class JobRunner:
             model_row = session.get(Model, job.model_id)
             spec = JobSpec.model_validate(job.spec)
             estimate = job.estimate
-            files = self._resolve_references(session, store, spec)
+            named = self._resolve_references(session, spec)
         check_worker_memory(estimate, self.settings)  # before anything is loaded
         started = time.monotonic()
-        out_dir, metrics = compress(store.path("models", model_row.id), spec, staging,
-                                    device=self.settings.device, hooks=_TaskHooks(self, files))
+        # The inputs as folders on this host: the store's own (local backend) or copies in the
+        # worker's scratch cache (object store), held for the whole job.
+        with ExitStack() as inputs:
+            model_dir = inputs.enter_context(store.checkout("models", model_row.id))
+            files = {(kind, id_): inputs.enter_context(store.checkout(f"{kind}s", id_)) / filename
+                     for (kind, id_), filename in named.items()}
+            out_dir, metrics = compress(model_dir, spec, staging,
+                                        device=self.settings.device, hooks=_TaskHooks(self, files))
 
         tar_path = staging / "artifact.tar"
         with tarfile.open(tar_path, "w") as tar:
@@ -382,7 +388,7 @@ class JobRunner:
         # is recorded (and keeps its file): a presumed-dead worker that wakes up late cannot
         # replace the artifact that the job's sha256 describes.
         key = f"{self.job_id}-attempt{attempt}.tar"
-        os.replace(tar_path, store.path("artifacts", key))
+        store.put_file(f"artifacts/{key}", tar_path, sha256=digest, move=True)  # multipart to a bucket
 
         metrics["wall_time_s"] = round(time.monotonic() - started, 3)  # publishing included
         artifact = {"artifact_key": key, "artifact_size_bytes": metrics["after"]["artifact_bytes"],
@@ -392,18 +398,17 @@ class JobRunner:
     # -- helpers ----------------------------------------------------------------------------
 
     @staticmethod
-    def _resolve_references(session, store, spec: JobSpec) -> dict[tuple[str, str], Path]:
-        """Every object the spec names (``app.specs.reference_fields``), as a path in the store:
-        ``{("dataset", id): text file, ("model", id): checkpoint folder}``. One the job cannot
-        find fails it here, naming the field, before any work."""
+    def _resolve_references(session, spec: JobSpec) -> dict[tuple[str, str], str]:
+        """Every object the spec names (``app.specs.reference_fields``), as the file to use in its
+        folder: ``{("dataset", id): its text file, ("model", id): "" (the folder)}``. One the job
+        cannot find fails it here, naming the field, before any work."""
         rows = {"dataset": Dataset, "model": Model}
-        files: dict[tuple[str, str], Path] = {}
+        files: dict[tuple[str, str], str] = {}
         for ref in reference_fields(spec):
             row = session.get(rows[ref.kind], ref.id)
             if row is None:
                 raise LookupError(f"{ref.path}: {ref.kind} {ref.id!r} was deleted before the job ran")
-            files[ref.kind, ref.id] = (store.path("datasets", row.id) / row.filename if ref.kind == "dataset"
-                                       else store.path("models", row.id))
+            files[ref.kind, ref.id] = row.filename if ref.kind == "dataset" else ""
         return files
 
     def _write_progress(self, name, stage_index, progress, keep_stage: bool = False) -> None:

@@ -13,7 +13,7 @@ from app.db.session import get_session
 from app.errors import error_responses
 from app.schemas import DatasetOut, Deleted, Page
 from app.services import datasets as service
-from app.storage import LocalStore, get_store
+from app.storage import Storage, get_store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=error_responses(401))
 
@@ -25,7 +25,7 @@ def upload_dataset(
     metadata: str | None = Form(default=None, description="JSON object of strings"),
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
-    store: LocalStore = Depends(get_store),
+    store: Storage = Depends(get_store),
 ) -> Dataset:
     """``curl -H "Authorization: Bearer $KEY" -F file=@wiki.txt .../v1/datasets``"""
     tags = parse_metadata_form(metadata)
@@ -54,7 +54,7 @@ def delete_dataset(
     dataset_id: str,
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
-    store: LocalStore = Depends(get_store),
+    store: Storage = Depends(get_store),
 ):
     service.delete_dataset(session, store, principal.tenant_id, dataset_id)
     return {"id": dataset_id, "object": "dataset"}

@@ -17,7 +17,9 @@ from app.errors import Conflict, NotFound, error_responses
 from app.schemas import JobOut, Page
 from app.services import jobs as service
 from app.specs import JobSpec
-from app.storage import LocalStore, get_store
+from app.config import get_settings
+from app.storage import Storage, get_store
+from app.storage.http import object_response
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401))
 
@@ -97,6 +99,9 @@ ARTIFACT_RESPONSES = {
     },
     206: {"content": {"application/x-tar": {}}, "description": "The requested byte range."},
     304: {"description": "`If-None-Match` matched the ETag."},
+    307: {"description": "With `SQUEEZE_STORAGE_PRESIGN_DOWNLOADS` and an object store: a presigned URL of the "
+          "artifact in the store (`Location`), valid `SQUEEZE_STORAGE_PRESIGN_TTL_S` seconds; the checksum "
+          "headers come with it."},
     416: {"description": "The range starts past the end of the file."},
     **error_responses(404, 409),
 }
@@ -113,22 +118,24 @@ def download_artifact(
     request: Request,
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
-    store: LocalStore = Depends(get_store),
+    store: Storage = Depends(get_store),
 ):
     """Download the artifact; supports ``HEAD``, ``Range`` and ``If-None-Match``."""
     job = service.get_job(session, principal.tenant_id, job_id)
     if job.status != JobStatus.SUCCEEDED.value or not job.artifact_key:
         raise Conflict(f"job {job_id!r} is {job.status}; its artifact exists once it succeeded", param="job_id")
-    path = store.path("artifacts", job.artifact_key)
-    if not path.is_file():
-        raise NotFound(f"artifact of job {job_id!r} is missing from storage", param="job_id")
     etag = f'"{job.artifact_sha256}"'
     if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
-        path, media_type="application/x-tar", filename=f"{job_id}.tar",
-        headers={"X-Checksum-SHA256": job.artifact_sha256 or "", "ETag": etag},
-    )
+    settings = get_settings()
+    try:
+        return object_response(
+            store, f"artifacts/{job.artifact_key}", request, filename=f"{job_id}.tar", media_type="application/x-tar",
+            headers={"X-Checksum-SHA256": job.artifact_sha256 or "", "ETag": etag}, etag=etag,
+            presign_ttl_s=settings.storage_presign_ttl_s if settings.storage_presign_downloads else None,
+        )
+    except FileNotFoundError:
+        raise NotFound(f"artifact of job {job_id!r} is missing from storage", param="job_id") from None
 
 
 # HEAD answers the same headers without the body (size and checksum before a download).

@@ -13,7 +13,7 @@ from app.db.session import get_session
 from app.errors import error_responses
 from app.schemas import Deleted, ModelOut, Page
 from app.services import models as service
-from app.storage import LocalStore, get_store
+from app.storage import Storage, get_store
 
 router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401))
 
@@ -28,7 +28,7 @@ def upload_model(
     metadata: str | None = Form(default=None, description='JSON object of strings, e.g. {"team": "search"}'),
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
-    store: LocalStore = Depends(get_store),
+    store: Storage = Depends(get_store),
 ) -> Model:
     """Upload a Hugging Face checkpoint. It is validated before it is accepted: safetensors
     weights only (pickle files are refused), no code, no ``auto_map``, a supported causal LM
@@ -63,7 +63,7 @@ def delete_model(
     model_id: str,
     principal: Principal = Depends(current_principal),
     session: Session = Depends(get_session),
-    store: LocalStore = Depends(get_store),
+    store: Storage = Depends(get_store),
 ):
     service.delete_model(session, store, principal.tenant_id, model_id)
     return {"id": model_id, "object": "model"}

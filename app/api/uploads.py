@@ -17,7 +17,7 @@ from app.db.session import get_session, session_scope
 from app.errors import error_responses
 from app.services import uploads as service
 from app.specs import Metadata, RequestModel
-from app.storage import LocalStore, get_store
+from app.storage import Storage, get_store
 
 router = APIRouter(prefix="/uploads", tags=["uploads"], responses=error_responses(401))
 
@@ -73,7 +73,7 @@ def upload_out(session: Session, upload: Upload) -> dict:
 
 @router.post("", status_code=201, response_model=UploadOut, responses=error_responses(400, 409, 413, 422, 429))
 def create_upload(body: UploadCreate, principal: Principal = Depends(current_principal),
-                  session: Session = Depends(get_session), store: LocalStore = Depends(get_store)):
+                  session: Session = Depends(get_session), store: Storage = Depends(get_store)):
     """Start a resumable upload; then PUT its parts and complete it.
 
     From now until it is completed, aborted or expired, its ``size_bytes`` counts against the
@@ -98,7 +98,7 @@ def get_upload(upload_id: str, principal: Principal = Depends(current_principal)
         "schema": {"type": "string", "format": "binary"}}}}},
 )
 async def put_part(request: Request, upload_id: str, part_number: int = Path(ge=1, le=service.MAX_PARTS),
-                   principal: Principal = Depends(current_principal), store: LocalStore = Depends(get_store)):
+                   principal: Principal = Depends(current_principal), store: Storage = Depends(get_store)):
     """Send part ``part_number`` (1-based) as the raw request body. Sending it again replaces it."""
     with session_scope() as session:
         upload = service.get_upload(session, principal.tenant_id, upload_id)
@@ -124,7 +124,7 @@ def _save(tenant_id, upload_id, store, part_number, temporary, size, sha256) -> 
 @router.post("/{upload_id}/complete", status_code=201, response_model=UploadOut,
              responses=error_responses(400, 404, 409, 413, 422))
 def complete_upload(upload_id: str, body: UploadComplete, principal: Principal = Depends(current_principal),
-                    session: Session = Depends(get_session), store: LocalStore = Depends(get_store)):
+                    session: Session = Depends(get_session), store: Storage = Depends(get_store)):
     """Assemble the parts, check the sha256, and validate the file as a model or dataset upload."""
     upload = service.get_upload(session, principal.tenant_id, upload_id)
     upload = service.complete_upload(session, store, upload, body.sha256, body.name, body.metadata)
@@ -133,6 +133,6 @@ def complete_upload(upload_id: str, body: UploadComplete, principal: Principal =
 
 @router.delete("/{upload_id}", response_model=UploadOut, responses=error_responses(404, 409))
 def abort_upload(upload_id: str, principal: Principal = Depends(current_principal),
-                 session: Session = Depends(get_session), store: LocalStore = Depends(get_store)):
+                 session: Session = Depends(get_session), store: Storage = Depends(get_store)):
     upload = service.get_upload(session, principal.tenant_id, upload_id)
     return upload_out(session, service.abort_upload(session, store, upload))

@@ -17,7 +17,7 @@ from app.db.models import Dataset, new_id
 from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
 from app.services.references import refuse_while_referenced
-from app.storage import CHUNK, LocalStore
+from app.storage import CHUNK, Storage
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl"}
 
@@ -31,7 +31,7 @@ def _format_for(filename: str | None) -> str:
 
 def create_dataset(
     session: Session,
-    store: LocalStore,
+    store: Storage,
     tenant_id: str,
     filename: str | None,
     stream: BinaryIO,
@@ -79,14 +79,15 @@ def create_dataset(
             id=new_id("ds"), tenant_id=tenant_id, metadata_=metadata or {}, name=(name or _default_name(filename, stored_name))[:200], format=fmt,
             filename=stored_name, num_records=records, size_bytes=size, sha256=digest.hexdigest(),
         )
-        final = store.commit_dir(staging, "datasets", dataset.id)
+        store.commit_dir(staging, "datasets", dataset.id)
+        final = dataset.id
         session.add(dataset)
         session.commit()
         return dataset
     except BaseException:
         session.rollback()
         if final is not None:
-            store.discard(final)
+            store.delete("datasets", final)
         raise
     finally:
         store.discard(staging)
@@ -122,7 +123,7 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str, param: str = 
     return dataset
 
 
-def delete_dataset(session: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
+def delete_dataset(session: Session, store: Storage, tenant_id: str, dataset_id: str) -> None:
     """Refused (409) while a queued or running job names the dataset anywhere in its spec."""
     # Locked: a submission naming the dataset waits for the deletion, or the deletion for it.
     dataset = get_dataset(session, tenant_id, dataset_id, lock="update")

@@ -87,8 +87,8 @@ def _read_config(model: Model) -> dict:
     """The model's config.json (validated at upload); empty if it cannot be read, and the
     estimate then assumes a shape from the parameter count."""
     try:
-        config = json.loads((get_store().path("models", model.id) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = json.loads(get_store().read_bytes(f"models/{model.id}/config.json"))
+    except Exception:  # noqa: BLE001 - missing, unreadable or the store unreachable: no shape
         return {}
     return config if isinstance(config, dict) else {}
 

@@ -14,12 +14,12 @@ from app.db.models import Model, new_id
 from app.errors import APIError, Conflict, NotFound, PayloadTooLarge
 from app.services.quotas import check_storage
 from app.services.references import refuse_while_referenced
-from app.storage import LocalStore
+from app.storage import Storage
 
 
 def create_model(
     session: Session,
-    store: LocalStore,
+    store: Storage,
     tenant_id: str,
     files: list[tuple[str, BinaryIO]],
     name: str | None,
@@ -54,7 +54,8 @@ def create_model(
             context_length=info.context_length,
             dtype=info.dtype,
         )
-        final = store.commit_dir(staging, "models", model.id)
+        store.commit_dir(staging, "models", model.id)
+        final = model.id
         session.add(model)
         session.commit()
         return model
@@ -65,7 +66,7 @@ def create_model(
     except BaseException:
         session.rollback()
         if final is not None:
-            store.discard(final)
+            store.delete("models", final)
         raise
     finally:
         store.discard(staging)
@@ -79,7 +80,7 @@ def get_model(session: Session, tenant_id: str, model_id: str, param: str = "mod
     return model
 
 
-def delete_model(session: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:
+def delete_model(session: Session, store: Storage, tenant_id: str, model_id: str) -> None:
     """Refused (409) while a queued or running job names the model anywhere in its spec (as a
     distillation teacher, say), and while any job has it as its input model."""
     # Locked: a submission naming the model waits for the deletion, or the deletion for it.

@@ -30,12 +30,12 @@ from app.errors import APIError, Conflict, NotFound, PayloadTooLarge, TooManyReq
 from app.services import datasets as dataset_service
 from app.services import models as model_service
 from app.services.quotas import check_storage
-from app.storage import CHUNK, LocalStore
+from app.storage import CHUNK, Storage
 
 MAX_PARTS = 10_000
 
 
-def parts_dir(store: LocalStore, upload_id: str) -> Path:
+def parts_dir(store: Storage, upload_id: str) -> Path:
     return store.root / "tmp" / f"upload-{upload_id}"
 
 
@@ -49,7 +49,7 @@ def expected_part_size(upload: Upload, number: int) -> int:
     return upload.size_bytes - upload.part_size * (expected_parts(upload) - 1)
 
 
-def create_upload(session: Session, store: LocalStore, tenant_id: str, filename: str, size_bytes: int,
+def create_upload(session: Session, store: Storage, tenant_id: str, filename: str, size_bytes: int,
                   purpose: str, part_size: int) -> Upload:
     settings = get_settings()
     try:
@@ -110,7 +110,7 @@ class PartWriter:
     """Streams one part to a temporary file, checking its size as it comes; ``finish`` returns
     (temporary path, size, sha256) for ``save_part`` to publish. ``discard`` on any failure."""
 
-    def __init__(self, store: LocalStore, upload: Upload, number: int):
+    def __init__(self, store: Storage, upload: Upload, number: int):
         _pending(upload)
         if not 1 <= number <= expected_parts(upload):
             raise APIError(f"part number must be 1..{expected_parts(upload)}", param="part_number", status_code=422)
@@ -137,7 +137,7 @@ class PartWriter:
         self.path.unlink(missing_ok=True)
 
 
-def save_part(session: Session, store: LocalStore, upload: Upload, number: int, temporary: Path,
+def save_part(session: Session, store: Storage, upload: Upload, number: int, temporary: Path,
               size: int, sha256: str) -> UploadPart:
     # The rename makes a re-sent part replace the old one whole; the row follows it.
     os.replace(temporary, parts_dir(store, upload.id) / f"part-{number:05d}")
@@ -150,7 +150,7 @@ def save_part(session: Session, store: LocalStore, upload: Upload, number: int, 
     return part
 
 
-def complete_upload(session: Session, store: LocalStore, upload: Upload, sha256: str,
+def complete_upload(session: Session, store: Storage, upload: Upload, sha256: str,
                     name: str | None, metadata: dict[str, str]) -> Upload:
     _pending(upload)
     received = {p.part_number for p in parts_of(session, upload.id)}
@@ -200,7 +200,7 @@ def _ingest(session, store, upload: Upload, stream: BinaryIO, name, metadata) ->
     return dataset.id
 
 
-def abort_upload(session: Session, store: LocalStore, upload: Upload) -> Upload:
+def abort_upload(session: Session, store: Storage, upload: Upload) -> Upload:
     _pending(upload)
     upload.status = "aborted"
     session.commit()
