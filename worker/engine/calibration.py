@@ -69,10 +69,37 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> 
         characters *= 2
 
 
+# Text is tokenized in pieces of about this many characters: a fast tokenizer keeps ~700 bytes
+# per token of a call's text (strings, offsets, masks), so one call on 4 MB of text peaks near
+# 800 MB, more than the block a job holds; pieces keep that to a few MB.
+PIECE_CHARACTERS = 1 << 16
+
+
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    # verbose=False: a stream longer than the model's context is intended, not worth a warning.
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """``tokenizer(text)``'s ids, computed piece by piece. Pieces end after a newline, where a
+    byte-level BPE (GPT-2's, and most) splits words anyway, so the ids are the same as for the
+    whole text; a tokenizer that marks the start of its input (SentencePiece's prefix space)
+    differs at most in the first token of each piece. Special tokens (BOS) come once, first."""
+    pieces = []
+    for number, piece in enumerate(_pieces(text, PIECE_CHARACTERS)):
+        # verbose=False: a stream longer than the model's context is intended, not worth a warning.
+        ids = tokenizer(piece, verbose=False, add_special_tokens=number == 0)["input_ids"]
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+    return torch.cat(pieces) if pieces else torch.tensor(tokenizer("", verbose=False)["input_ids"], dtype=torch.long)
+
+
+def _pieces(text: str, size: int):
+    """``text`` in consecutive pieces of at most ``size`` characters, each ending just after a
+    newline where one is in reach (a line longer than ``size`` is cut where it must be)."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            newline = text.rfind("\n", start, end)
+            if newline > start:
+                end = newline + 1
+        yield text[start:end]
+        start = end
 
 
 def calibration_batches(

@@ -52,3 +52,18 @@ def test_calibration_batches_are_random_windows_fixed_by_the_seed(tokenizer):
 def test_a_short_stream_gives_one_window_of_all_of_it(tokenizer):
     batches = calibration_batches(tokenizer, ["the lazy dog"], samples=8, seq_len=64, seed=0)
     assert len(batches) == 1 and batches[0].shape == (1, 3)
+
+
+@pytest.mark.parametrize("piece", [400, 1000])  # longer than any line of the corpus
+def test_text_is_tokenized_in_pieces_that_give_the_whole_texts_ids(piece, monkeypatch):
+    """Pieces end after a newline: for a byte-level BPE the ids are those of one call on the
+    whole text (which would hold ~700 bytes per token of it at once)."""
+    from tests.factories import CORPUS, tokenizer
+    from worker.engine import calibration
+
+    monkeypatch.setattr(calibration, "PIECE_CHARACTERS", piece)
+    pieces = list(calibration._pieces(CORPUS, piece))
+    assert "".join(pieces) == CORPUS and len(pieces) > 1
+    assert all(len(p) <= piece and p.endswith("\n") for p in pieces[:-1])
+    whole = tokenizer()(CORPUS, verbose=False)["input_ids"]
+    assert calibration._encode(tokenizer(), CORPUS).tolist() == whole
