@@ -5,7 +5,8 @@ agreement. Every ``reconcile_interval_s`` it
   or failed with the true reason: ``app/services/leases.py``), and
 - sends the jobs that were accepted while the broker was down, and
 - sweeps the storage's temporary folder: staging left by uploads whose API process died
-  mid-request, and the parts of resumable uploads past their expiry, and
+  mid-request, and the parts of resumable uploads past their expiry (in an object store too:
+  their multipart uploads, and those no upload owns), and
 - prunes what is kept only for a while: finished jobs' events, settled webhook deliveries and
   idempotency records past their retention (``SQUEEZE_*_RETENTION_DAYS``).
 
@@ -109,14 +110,13 @@ _UPLOAD_STAGING = re.compile(r"staging-[0-9a-f]{32}")
 def sweep_storage() -> int:
     """Expire the resumable uploads past their time and remove what interrupted requests left
     in the storage's ``tmp/``. Returns how many things were removed."""
-    store = get_store()
-    return expire_uploads(store) + sweep_temporary(store.root / "tmp", get_settings().staging_max_idle_s)
+    store, max_idle_s = get_store(), get_settings().staging_max_idle_s
+    return expire_uploads(store) + sweep_temporary(store.root / "tmp", max_idle_s) + abort_orphan_parts(store, max_idle_s)
 
 
 def expire_uploads(store) -> int:
-    """Pending resumable uploads past ``expires_at`` become ``expired``; their parts go."""
-    from app.services.uploads import parts_dir
-
+    """Pending resumable uploads past ``expires_at`` become ``expired``; their parts go (files,
+    or the store's multipart upload)."""
     with session_scope() as session:
         # "completing" too: a completion whose API process died is not coming back.
         expired = list(session.scalars(select(Upload.id).where(Upload.status.in_(["pending", "completing"]),
@@ -126,8 +126,25 @@ def expire_uploads(store) -> int:
             for upload in session.scalars(select(Upload).where(Upload.id.in_(expired))):
                 upload.status = "expired"
     for upload_id in expired:
-        shutil.rmtree(parts_dir(store, upload_id), ignore_errors=True)
+        store.parts_discard(upload_id)
     return len(expired)
+
+
+def abort_orphan_parts(store, max_idle_s: float) -> int:
+    """Abort the store's multipart uploads older than ``max_idle_s`` that no pending upload owns
+    (an API process died between starting one and recording its upload; or the upload ended
+    and its abort failed). Parts left in the store cost storage and are invisible otherwise."""
+    stale = store.parts_stale(max_idle_s)
+    if not stale:
+        return 0
+    with session_scope() as session:
+        owned = set(session.scalars(select(Upload.id).where(Upload.id.in_(stale),
+                                                            Upload.status.in_(["pending", "completing"]))))
+    orphans = [upload_id for upload_id in stale if upload_id not in owned]
+    for upload_id in orphans:
+        log.info("aborting the store's multipart upload of %s: no pending upload owns it", upload_id)
+        store.parts_discard(upload_id)
+    return len(orphans)
 
 
 def sweep_temporary(tmp: Path, max_idle_s: float) -> int:

@@ -7,6 +7,8 @@
 
 Parts are streamed to disk as they arrive and assembled by streaming too: no part is ever held
 in memory. Sizes are checked on arrival (every part but the last is exactly ``part_size``).
+Where the parts go is the store's business (``Storage.parts_*``): files in the local folder, or
+the parts of one S3 multipart upload, so any API replica can take any part.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.checkpoints import ARCHIVE_SUFFIXES, CheckpointError, plain_file_name
@@ -30,13 +31,14 @@ from app.errors import APIError, Conflict, NotFound, PayloadTooLarge, TooManyReq
 from app.services import datasets as dataset_service
 from app.services import models as model_service
 from app.services.quotas import check_storage
-from app.storage import CHUNK, Storage
+from app.storage import Storage
 
 MAX_PARTS = 10_000
 
 
 def parts_dir(store: Storage, upload_id: str) -> Path:
-    return store.root / "tmp" / f"upload-{upload_id}"
+    """Where this host receives a part before handing it to the store."""
+    return store.parts_dir(upload_id)
 
 
 def expected_parts(upload: Upload) -> int:
@@ -64,6 +66,9 @@ def create_upload(session: Session, store: Storage, tenant_id: str, filename: st
         raise PayloadTooLarge(f"a {purpose} upload is limited to {limit} bytes", param="size_bytes")
     if part_size > settings.upload_part_max_bytes:
         raise APIError(f"part_size is at most {settings.upload_part_max_bytes}", param="part_size", status_code=422)
+    if size_bytes > part_size and part_size < store.min_part_bytes:
+        raise APIError(f"part_size is at least {store.min_part_bytes} bytes with this storage (or send one part)",
+                       param="part_size", status_code=422)
     if math.ceil(size_bytes / part_size) > MAX_PARTS:
         raise APIError(f"at most {MAX_PARTS} parts: raise part_size", param="part_size", status_code=422)
     # One decision at a time per tenant: two creations cannot both take the last place or bytes.
@@ -82,7 +87,7 @@ def create_upload(session: Session, store: Storage, tenant_id: str, filename: st
     upload = Upload(id=new_id("upl"), tenant_id=tenant_id, filename=filename, purpose=purpose,
                     size_bytes=size_bytes, part_size=part_size, status="pending",
                     expires_at=utcnow() + timedelta(seconds=settings.upload_ttl_s))
-    parts_dir(store, upload.id).mkdir(parents=True)
+    store.parts_begin(upload.id)
     session.add(upload)
     session.commit()
     return upload
@@ -116,6 +121,7 @@ class PartWriter:
             raise APIError(f"part number must be 1..{expected_parts(upload)}", param="part_number", status_code=422)
         self.number, self.expected = number, expected_part_size(upload, number)
         self.path = parts_dir(store, upload.id) / f".part-{number:05d}-{os.urandom(4).hex()}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # another API replica may have begun it
         self.file = self.path.open("wb")
         self.digest, self.size = hashlib.sha256(), 0
 
@@ -139,8 +145,8 @@ class PartWriter:
 
 def save_part(session: Session, store: Storage, upload: Upload, number: int, temporary: Path,
               size: int, sha256: str) -> UploadPart:
-    # The rename makes a re-sent part replace the old one whole; the row follows it.
-    os.replace(temporary, parts_dir(store, upload.id) / f"part-{number:05d}")
+    # A re-sent part replaces the old one whole; the row follows it.
+    store.parts_put(upload.id, number, temporary)
     part = session.scalar(select(UploadPart).where(UploadPart.upload_id == upload.id, UploadPart.part_number == number))
     if part is None:
         part = UploadPart(upload_id=upload.id, part_number=number)
@@ -157,38 +163,31 @@ def complete_upload(session: Session, store: Storage, upload: Upload, sha256: st
     missing = [n for n in range(1, expected_parts(upload) + 1) if n not in received]
     if missing:
         raise Conflict(f"parts missing: {missing[:20]}", param="parts")
-    folder = parts_dir(store, upload.id)
-    assembled = folder / "assembled"
-    digest = hashlib.sha256()
-    with assembled.open("wb") as out:
-        for number in range(1, expected_parts(upload) + 1):
-            with (folder / f"part-{number:05d}").open("rb") as part:
-                while chunk := part.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if digest.hexdigest() != sha256.lower():
-        assembled.unlink()
-        raise APIError(f"sha256 mismatch: the parts assemble to {digest.hexdigest()}; re-send the parts "
-                       "that differ and complete again", param="sha256")
+    digest = store.parts_assemble(upload.id, expected_parts(upload))
+    if digest != sha256.lower():
+        if store.parts_unassemble(upload.id):
+            raise APIError(f"sha256 mismatch: the parts assemble to {digest}; re-send the parts "
+                           "that differ and complete again", param="sha256")
+        session.execute(delete(UploadPart).where(UploadPart.upload_id == upload.id))
+        session.commit()
+        raise APIError(f"sha256 mismatch: the parts assemble to {digest}; the parts were discarded, "
+                       "send them all again and complete again", param="sha256")
     # While the file is validated the upload is "completing": its reservation no longer counts
     # (the model or dataset it becomes is checked against the quota at its real size), and a
     # second complete is a 409. Refused, it is pending again, its parts kept for a retry.
     upload.status = "completing"
     session.commit()
     try:
-        with assembled.open("rb") as stream:
+        with store.parts_open(upload.id) as stream:
             result = _ingest(session, store, upload, stream, name, metadata)
     except BaseException:
         session.rollback()
         upload.status = "pending"
         session.commit()
         raise
-    finally:
-        # Refused or not, the assembled copy is done with: the parts stay for a retry.
-        assembled.unlink(missing_ok=True)
     upload.status, upload.result_id = "completed", result
     session.commit()
-    shutil.rmtree(folder, ignore_errors=True)
+    store.parts_discard(upload.id)
     return upload
 
 
@@ -204,5 +203,5 @@ def abort_upload(session: Session, store: Storage, upload: Upload) -> Upload:
     _pending(upload)
     upload.status = "aborted"
     session.commit()
-    shutil.rmtree(parts_dir(store, upload.id), ignore_errors=True)
+    store.parts_discard(upload.id)
     return upload

@@ -9,6 +9,7 @@ the store only ever holds complete objects, so a reader never sees half a file o
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import BinaryIO, Protocol
 
 CHUNK = 1024 * 1024
 KINDS = ("models", "datasets", "artifacts")
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # The staging folders this process is still using (an upload being validated may not write for
 # a while): the sweep of abandoned staging never takes them, whatever their age.
@@ -73,11 +75,27 @@ class Storage(Protocol):
     # -- a folder of the store on this host, for as long as the block runs (the worker) --
     def checkout(self, kind: str, object_id: str) -> AbstractContextManager[Path]: ...
 
+    # -- resumable uploads: parts in any order, re-sendable, assembled once all are there --
+    min_part_bytes: int  # every part but the last is at least this (S3's multipart rule)
+    def parts_begin(self, upload_id: str) -> None: ...
+    def parts_put(self, upload_id: str, number: int, path: Path) -> None: ...
+    def parts_assemble(self, upload_id: str, count: int) -> str: ...
+    def parts_open(self, upload_id: str) -> AbstractContextManager[BinaryIO]: ...
+    def parts_unassemble(self, upload_id: str) -> bool: ...
+    def parts_discard(self, upload_id: str) -> None: ...
+    def parts_stale(self, max_idle_s: float) -> list[str]: ...
+
 
 class LocalWork:
     """The local ``tmp/`` folder of a backend: staging written here, then published."""
 
     root: Path
+
+    def parts_dir(self, upload_id: str) -> Path:
+        """Where a resumable upload's parts arrive on this host (and, locally, stay)."""
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise ValueError(f"bad upload id {upload_id!r}")
+        return self.root / "tmp" / f"upload-{upload_id}"
 
     def _make_work_dirs(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ on other hosts and no shared folder, use the S3 backend (``app/storage/s3.py``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -146,3 +147,46 @@ class LocalStore(LocalWork):
         if not path.is_dir():
             raise FileNotFoundError(f"{kind}/{object_id} is missing from storage")
         yield path
+
+    # -- resumable uploads: the parts are files in tmp/upload-<id>/, concatenated at the end --
+
+    min_part_bytes = 1
+
+    def parts_begin(self, upload_id: str) -> None:
+        self.parts_dir(upload_id).mkdir(parents=True)
+
+    def parts_put(self, upload_id: str, number: int, path: Path) -> None:
+        # The rename makes a re-sent part replace the old one whole.
+        os.replace(path, self.parts_dir(upload_id) / f"part-{number:05d}")
+
+    def parts_assemble(self, upload_id: str, count: int) -> str:
+        """Concatenate parts 1..count into one file, streaming; returns its sha256."""
+        folder = self.parts_dir(upload_id)
+        digest = hashlib.sha256()
+        with (folder / "assembled").open("wb") as out:
+            for number in range(1, count + 1):
+                with (folder / f"part-{number:05d}").open("rb") as part:
+                    while chunk := part.read(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+        return digest.hexdigest()
+
+    @contextmanager
+    def parts_open(self, upload_id: str) -> Iterator[BinaryIO]:
+        # Refused or not, the assembled copy is done with once read: the parts stay for a retry.
+        assembled = self.parts_dir(upload_id) / "assembled"
+        try:
+            with assembled.open("rb") as stream:
+                yield stream
+        finally:
+            assembled.unlink(missing_ok=True)
+
+    def parts_unassemble(self, upload_id: str) -> bool:
+        (self.parts_dir(upload_id) / "assembled").unlink(missing_ok=True)
+        return True  # the parts are kept: the client re-sends only those that differ
+
+    def parts_discard(self, upload_id: str) -> None:
+        shutil.rmtree(self.parts_dir(upload_id), ignore_errors=True)
+
+    def parts_stale(self, max_idle_s: float) -> list[str]:
+        return []  # the folders of expired uploads go with their expiry (app/maintenance.py)

@@ -17,7 +17,10 @@ and the worker are synchronous code in threads, which is what boto3 is built for
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,3 +178,82 @@ class S3Store(LocalWork):
 
         with self.cache.use(kind, object_id, download) as path:
             yield path
+
+    # -- resumable uploads: one S3 multipart upload per upload, its parts numbered the same --
+
+    min_part_bytes = 5 * 1024 * 1024  # S3's smallest part (all but the last)
+
+    def _upload_key(self, upload_id: str) -> str:
+        self.parts_dir(upload_id)  # validates the id
+        return f"{self.prefix}uploads/{upload_id}"
+
+    def _multipart_ids(self, upload_id: str) -> list[str]:
+        key = self._upload_key(upload_id)
+        answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+        return [item["UploadId"] for item in answer.get("Uploads", []) if item["Key"] == key]
+
+    def parts_begin(self, upload_id: str) -> None:
+        self.parts_dir(upload_id).mkdir(parents=True)  # each part arrives here, then goes to the store
+        self.client.create_multipart_upload(Bucket=self.bucket, Key=self._upload_key(upload_id))
+
+    def parts_put(self, upload_id: str, number: int, path: Path) -> None:
+        """Send the received part as part ``number`` of the multipart upload (a re-sent part
+        replaces the old one, as S3 does), then drop the local copy."""
+        ids = self._multipart_ids(upload_id)
+        if not ids:
+            raise FileNotFoundError(f"upload {upload_id} has no multipart upload in the store")
+        try:
+            with path.open("rb") as body:
+                self.client.upload_part(Bucket=self.bucket, Key=self._upload_key(upload_id), UploadId=ids[0],
+                                        PartNumber=number, Body=body)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def parts_assemble(self, upload_id: str, count: int) -> str:
+        """Complete the multipart upload (the store joins the parts, no byte passes through
+        here) unless an earlier completion already did, then stream the whole for its sha256."""
+        key = self._upload_key(upload_id)
+        for multipart_id in self._multipart_ids(upload_id):
+            parts = self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=multipart_id).get("Parts", [])
+            chosen = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts if p["PartNumber"] <= count]
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id,
+                                                  MultipartUpload={"Parts": chosen})
+        digest = hashlib.sha256()
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        for chunk in body.iter_chunks(CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    @contextmanager
+    def parts_open(self, upload_id: str) -> Iterator[BinaryIO]:
+        # Kept after reading: a completion refused by validation can be retried as is.
+        body = self.client.get_object(Bucket=self.bucket, Key=self._upload_key(upload_id))["Body"]
+        try:
+            yield body
+        finally:
+            body.close()
+
+    def parts_unassemble(self, upload_id: str) -> bool:
+        """A completed multipart upload cannot be reopened: the whole goes and a fresh multipart
+        upload starts; the client sends every part again."""
+        self.client.delete_object(Bucket=self.bucket, Key=self._upload_key(upload_id))
+        self.client.create_multipart_upload(Bucket=self.bucket, Key=self._upload_key(upload_id))
+        return False
+
+    def parts_discard(self, upload_id: str) -> None:
+        key = self._upload_key(upload_id)
+        for multipart_id in self._multipart_ids(upload_id):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=multipart_id)
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+        shutil.rmtree(self.parts_dir(upload_id), ignore_errors=True)
+
+    def parts_stale(self, max_idle_s: float) -> list[str]:
+        """Upload ids of multipart uploads started more than ``max_idle_s`` ago (the reconciler
+        aborts those no pending upload owns: an API process died between the two)."""
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=max_idle_s)
+        stale = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}uploads/"):
+            stale += [item["Key"].rsplit("/", 1)[-1] for item in page.get("Uploads", [])
+                      if item["Initiated"] < cutoff]
+        return sorted(set(stale))

@@ -11,7 +11,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.e2e.client import upload_model, wait_for
+from tests.e2e.client import upload_dataset, upload_model, wait_for
 from tests.e2e.stack import ServiceStack
 from tests.factories import CORPUS, make_checkpoint
 from tests.s3_server import s3_server
@@ -24,7 +24,7 @@ def s3_stack(tmp_path, monkeypatch):
             if name.startswith("AWS_"):
                 monkeypatch.setenv(name, value)  # the stack's processes inherit them
         stack = ServiceStack.postgres_redis(tmp_path / "stack", storage_url=env["SQUEEZE_STORAGE_URL"],
-                                            storage_root=str(tmp_path / "api-local"),
+                                            storage_root=str(tmp_path / "api-local"), max_dataset_bytes=str(16 * 1024**2),
                                             worker_settings={"storage_root": str(tmp_path / "worker-local")})
         with stack:
             yield stack, env
@@ -41,9 +41,16 @@ def _files(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+MiB = 1024 * 1024
+
+
 def _resumable_dataset(client: httpx.Client) -> dict:
-    data = CORPUS.encode()
-    part = max(1024, len(data) // 3 + 1)
+    """6 MiB in two parts (S3's smallest part is 5 MiB), sent last part first."""
+    data = (CORPUS.encode() * (6 * MiB // len(CORPUS.encode()) + 1))[:6 * MiB]
+    part = 5 * MiB
+    small = client.post("/v1/uploads", json={"filename": "corpus.txt", "size_bytes": len(data),
+                                             "purpose": "dataset", "part_size": MiB})
+    assert small.status_code == 422 and small.json()["error"]["param"] == "part_size", small.text
     upload = client.post("/v1/uploads", json={"filename": "corpus.txt", "size_bytes": len(data),
                                               "purpose": "dataset", "part_size": part}).json()
     for number, start in reversed(list(enumerate(range(0, len(data), part), 1))):  # any order
@@ -57,10 +64,18 @@ def test_job_flow_on_an_object_store(s3_stack, tmp_path):
     stack, env = s3_stack
     client = stack.client
     model = upload_model(client, make_checkpoint(tmp_path / "upload"))   # one request
-    dataset = _resumable_dataset(client)                                 # resumable parts
+    dataset = upload_dataset(client)
+    big = _resumable_dataset(client)                                     # resumable: S3 multipart
     keys = _bucket_keys(env)
     assert f"models/{model['id']}/config.json" in keys
     assert [k for k in keys if k.startswith(f"datasets/{dataset['id']}/")]
+    assert [k for k in keys if k.startswith(f"datasets/{big['id']}/")]
+    assert not [k for k in keys if k.startswith("uploads/")]  # the assembled upload went once ingested
+    # The tenant's quota counts what is in the store.
+    too_big = client.post("/v1/uploads", json={"filename": "x.tar", "size_bytes": 300 * MiB, "purpose": "model",
+                                               "part_size": 8 * MiB})
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "size_bytes", too_big.text
+    assert "storage" in too_big.json()["error"]["message"]
 
     created = client.post("/v1/jobs", json={
         "model_id": model["id"], "stages": [{"type": "quantize", "method": "rtn", "bits": 8}],
@@ -101,8 +116,8 @@ def test_job_flow_on_an_object_store(s3_stack, tmp_path):
     assert not _files(tmp_path / "worker-local" / "tmp")  # the job's staging went with the job
 
     # Deleting a dataset deletes its objects.
-    assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 200
-    assert not [k for k in _bucket_keys(env) if k.startswith(f"datasets/{dataset['id']}/")]
+    assert client.delete(f"/v1/datasets/{big['id']}").status_code == 200
+    assert not [k for k in _bucket_keys(env) if k.startswith(f"datasets/{big['id']}/")]
 
     # The operator's option: a redirect to the store itself, which serves the same bytes.
     stack.kill("api")
