@@ -386,6 +386,8 @@ async def measure_transfers(stack: ServiceStack, workdir: Path, args) -> dict:
     assert completed.status_code == 201, completed.text
     model_id = completed.json()["model_id"]
 
+    for queued in stack.client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()["data"]:
+        stack.client.post(f"/v1/jobs/{queued['id']}/cancel")  # the reads' jobs: the worker runs only this one
     stack.start_worker()
     job = stack.client.post("/v1/jobs", json={"model_id": model_id,
                                               "stages": [{"type": "quantize", "method": "rtn", "bits": 8}]}).json()
