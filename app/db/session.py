@@ -16,8 +16,8 @@ wait on the other for good:
   so admitted requests never exhaust the pool. Each gives its connection back as soon as its
   route's answer is built, before the answer is sent (a long download holds none);
 - everything else (authentication, idempotency records, event streams, the background threads)
-  uses ``session_scope`` inside one call on one thread and never waits for a thread while it
-  holds a connection. ``RESERVED`` connections are theirs alone, so whatever the admitted
+  uses ``session_scope`` or ``read_scope`` inside one call on one thread and never waits for a
+  thread while it holds a connection. ``RESERVED`` connections are theirs alone, so whatever the admitted
   requests hold, one of these is always running and will give its connection back.
 """
 
