@@ -11,6 +11,7 @@ import boto3
 import httpx
 import pytest
 
+from squeeze_client.client import SqueezeClient
 from tests.e2e.client import upload_dataset, upload_model, wait_for
 from tests.e2e.stack import ServiceStack
 from tests.factories import CORPUS, make_checkpoint
@@ -128,3 +129,7 @@ def test_job_flow_on_an_object_store(s3_stack, tmp_path):
     assert redirect.headers["location"].startswith(env["AWS_ENDPOINT_URL"] + "/")
     direct = httpx.get(redirect.headers["location"])
     assert direct.status_code == 200 and hashlib.sha256(direct.content).hexdigest() == artifact["sha256"]
+    # The Python client follows it (its API key stays with the API) and checks the sha256.
+    with SqueezeClient(stack.url, stack.admin_key) as squeeze:
+        result = squeeze.download_artifact(job["id"], tmp_path / "via-client.tar")
+    assert result.sha256 == artifact["sha256"] and result.path.read_bytes() == whole.content
