@@ -117,12 +117,12 @@ class LocalStore(LocalWork):
 
     def list(self, prefix: str) -> list[str]:
         """Keys starting with ``prefix`` (a whole folder, or the start of a name in one)."""
-        folder, _, start = prefix.rpartition("/")
-        base = self.root / folder
-        if not base.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and str(p.relative_to(self.root)).startswith(prefix))
+        folder = prefix.rpartition("/")[0]
+        # Only the objects' folders: tmp/ and meta/ are this backend's own.
+        bases = [self.root / folder] if folder else [self.root / kind for kind in KINDS]
+        return sorted(key for base in bases if base.is_dir() and base.resolve().is_relative_to(self.root.resolve())
+                      for key in (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+                      if key.startswith(prefix) and key.split("/", 1)[0] in KINDS)
 
     def delete_key(self, key: str) -> None:
         self._file(key).unlink(missing_ok=True)

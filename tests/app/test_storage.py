@@ -57,6 +57,7 @@ def test_put_head_read_ranges_list_delete(store, tmp_path):
     store.put_stream("artifacts/job_2-attempt1.tar", io.BytesIO(b"other"))
     assert store.list("artifacts/job_1-attempt") == ["artifacts/job_1-attempt1.tar", "artifacts/job_1-attempt2.tar"]
 
+    assert store.list("") == store.list("artifacts/")  # every object, nothing of the backend's own
     store.delete_key("artifacts/job_1-attempt1.tar")
     assert store.head("artifacts/job_1-attempt1.tar") is None
     assert store.list("artifacts/") == ["artifacts/job_1-attempt2.tar", "artifacts/job_2-attempt1.tar"]
