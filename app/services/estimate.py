@@ -15,15 +15,18 @@ decoder block at a time::
                                    "calibration": {"dataset_id": "ds_1", "samples": 16, "seq_len": 256}})
     estimate = estimate_job(spec, {"mdl_1": facts}, {"ds_1": 50_000_000})
     estimate.onloading                                                  # "block"
-    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes     # about 3.0 GB, 2.6 GB, 0.8 GB
+    estimate.host_bytes, estimate.device_bytes, estimate.disk_bytes     # about 3.6 GB, 2.6 GB, 0.8 GB
     estimate.as_json()["host"]      # {"phase": "block", "largest_stage": 0, "terms": {"process": 1073741824,
                                     #  "outside_blocks": 131072000, "block": 88132608, "block_written": 88132608,
                                     #  "compression_state": 45760512, "calibration": 17825792,
                                     #  "block_arguments": 1115136, "latency": 1048576, "token_ids": 67109888,
-                                    #  "stage": 1269825536, "allocator_slack": 256503398}}
+                                    #  "block_fragments": 528795648, "stage": 1269825536,
+                                    #  "allocator_slack": 335822745}}
 
 The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
-GPU worker's host memory; the device figure is what a GPU worker needs on its device. The
+GPU worker's host memory (there each tensor is read into pinned host memory on its way to the
+device: no more than the CPU figure counts for it); the device figure is what a GPU worker
+needs on its device. The
 peak is the largest of the job's phases, each a sum of the terms alive in it.
 
 Which path a job takes is the engine's choice (``worker/engine/compress.py``), made again here
@@ -37,9 +40,9 @@ nor the checkpoint mapped (its tensors are read with positioned reads), nor the 
 back. The terms are:
 
 - ``process``: the worker process itself (Python, torch, transformers), ``process_bytes``.
-- ``text``: a dataset read and tokenized (its text, several bytes per character, and the
-  token lists), for the largest dataset the job reads (``read`` only: it is freed before the
-  pass).
+- ``text``: a dataset read and tokenized (its text, several bytes per character, the ids, and
+  the tokenizer's work on one 64 Ki-character piece), for the largest dataset the job reads
+  (``read`` only: it is freed before the pass).
 - ``token_ids``: the ids kept of each dataset tokenized (the evaluation's and the calibration's
   tokenized prefixes, of which their ids are views) and the latency input's.
 - ``outside_blocks``: what lies outside the decoder blocks (embeddings, ``lm_head`` unless
@@ -56,6 +59,8 @@ back. The terms are:
 - ``block_arguments``: what every batch and window passes a block beside its hidden states
   (position ids, rotary tables), kept for the whole pass.
 - ``latency``: the latency input's hidden states (``1 x 128 x hidden``) and its output.
+- ``block_fragments``: memory earlier blocks freed that the allocator keeps in pieces,
+  ``BLOCK_PASS_FRAGMENTS_BLOCKS`` blocks' worth (measured, host only).
 - ``stage``: the stage that needs the most on one block (``largest_stage``): the float32 work
   of compressing the largest layer (for GPTQ and SparseGPT the inverse-Hessian sweep of the
   widest input), the block's statistics (Hessians, ``in_features^2`` float32 per distinct
@@ -131,9 +136,11 @@ QUANTIZED_BYTES_PER_GROUP = FLOAT32 + 1
 # A dataset in memory, per byte of its file: the bytes read, the decoded text (up to four bytes
 # a character) and the joined copy that is tokenized.
 TEXT_BYTES_PER_FILE_BYTE = 9
-# Per token tokenized: the Python list of ids and of the attention mask, the tokenizer's own
-# encoding (ids, offsets, token strings) and the int64 tensor.
-TOKENIZED_BYTES_PER_TOKEN = 160
+# Per token tokenized: its piece's int64 ids and the joined stream's (calibration._encode).
+TOKENIZED_BYTES_PER_TOKEN = 16
+# calibration._encode tokenizes 64 Ki characters at a time; a fast tokenizer keeps ~700 bytes
+# per token of a call (strings, offsets, masks), and a piece has at most a token a character.
+TOKENIZER_PIECE_BYTES = (1 << 16) * 700
 # Distillation: floats per token of each layer kept for the backward pass, as multiples of the
 # hidden and MLP widths (norms, projections, residuals, the MLP's intermediate tensors).
 TRAINING_HIDDEN_FLOATS = 16
@@ -151,6 +158,11 @@ EVALUATION_LOGIT_COPIES = 3
 # arenas; fragmentation), as a share of each phase's bytes beyond the process itself. Measured
 # peaks of GPTQ on a 0.4 B bf16 Llama came within 7 % of the other terms' sum.
 ALLOCATOR_SLACK_PERCENT = 15
+# Block by block, the process's resident memory creeps up from block to block beyond what one
+# block holds: memory the earlier blocks freed, kept by the allocator in pieces. Measured with
+# bench/scale.py --params 2e8 (11 blocks of 33 MB, bf16): about 5.2 blocks' worth more than the
+# other terms for magnitude and for GPTQ alike.
+BLOCK_PASS_FRAGMENTS_BLOCKS = 6
 # CUDA context, cuBLAS workspaces, allocator slack: on the device only.
 DEVICE_RUNTIME_BYTES = 1 * GiB
 # Tokens calibration and distillation read at least (worker/engine/calibration.py, distill/train.py).
@@ -386,7 +398,8 @@ def estimate_job(
     texts = [_text_bytes(dataset_bytes.get(spec.evaluation.dataset_id), spec.evaluation.max_tokens)
              if spec.evaluation else 0]
     if spec.calibration:
-        texts.append(_text_bytes(dataset_bytes.get(spec.calibration.dataset_id), _calibration_tokens_read(spec.calibration)))
+        texts.append(_text_bytes(dataset_bytes.get(spec.calibration.dataset_id),
+                                 _calibration_tokens_read(spec.calibration)))
     for stage in distills:
         wanted = math.ceil(max(2 * stage.steps * stage.batch_size * stage.seq_len, MIN_TOKENS_READ) / 0.9)
         texts.append(_text_bytes(dataset_bytes.get(stage.dataset_id), wanted))
@@ -548,6 +561,7 @@ def _block_phases(spec: JobSpec, facts: ModelFacts, shape: Shape, text: int, dat
                   Term("block_arguments", arguments, True),
                   Term("latency", 2 * latency_tokens * shape.hidden * weight_bytes, True),
                   Term("token_ids", token_ids, False),
+                  Term("block_fragments", BLOCK_PASS_FRAGMENTS_BLOCKS * block, False),
                   # These follow one another: only the largest counts.
                   _largest([Term("stage", stage_work, True),
                             Term("forward", _forward_bytes(shape, 1, max(window, latency_tokens)), True)])],
@@ -685,11 +699,12 @@ def _distillation_bytes(stage: DistillKD, facts: ModelFacts, models: Mapping[str
 
 
 def _text_bytes(file_bytes: int | None, tokens_wanted: int) -> int:
-    """A dataset read whole and tokenized up to ``tokens_wanted`` (never more tokens than it
-    has bytes of text)."""
+    """A dataset read whole and tokenized, piece by piece, for ``tokens_wanted`` (a file of
+    unknown size is taken to be the prefix that is tokenized)."""
     if file_bytes is None:
-        return tokens_wanted * TOKENIZED_BYTES_PER_TOKEN
-    return TEXT_BYTES_PER_FILE_BYTE * file_bytes + min(tokens_wanted, file_bytes) * TOKENIZED_BYTES_PER_TOKEN
+        file_bytes = TOKENIZED_PREFIX_PER_TOKEN * tokens_wanted
+    return (TEXT_BYTES_PER_FILE_BYTE * file_bytes + _kept_tokens(file_bytes, tokens_wanted) * TOKENIZED_BYTES_PER_TOKEN
+            + TOKENIZER_PIECE_BYTES)
 
 
 def declared_limits(settings) -> tuple[tuple[str, str, int | None, str], ...]:
