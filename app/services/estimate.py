@@ -26,13 +26,13 @@ decoder block at a time::
 The host figure assumes the job runs on the CPU (everything on the host), which also bounds a
 GPU worker's host memory (there each tensor is read into pinned host memory on its way to the
 device: no more than the CPU figure counts for it); the device figure is what a GPU worker
-needs on its device. The
-peak is the largest of the job's phases, each a sum of the terms alive in it.
+needs on its device. The peak is the largest of the job's phases, each a sum of the terms
+alive in it.
 
 Which path a job takes is the engine's choice (``worker/engine/compress.py``), made again here
 by ``whole_model_reason``: a job whose stages all work layer by layer (``BLOCKWISE_STAGES``)
-runs **block by block**; any other job holds the model **whole**. ``onloading``
-says which (``"block"`` / ``"whole"``, as the job's metrics do).
+runs **block by block**; any other job holds the model **whole**. ``onloading`` says which
+(``"block"`` / ``"whole"``, as the job's metrics do).
 
 Block by block (``worker/engine/blockwise.py``), the phases are ``read`` (the datasets read and
 tokenized) and ``block`` (one pass over the decoder blocks); the model is never loaded whole,
