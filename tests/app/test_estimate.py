@@ -198,7 +198,7 @@ def test_a_small_llama_gptq_job_block_by_block_by_hand():
     # The 128-token latency input through a block, with the logits, their copy and log-softmax.
     forward = 128 * (6 * 64 + 3 * 256 + 3 * 128) * 4 + 2 * 4 * 128 * 128 * 4 + 3 * 128 * 400 * 4
     assert stage == 2_506_752 and forward == 1_925_120  # only the larger counts
-    fragments = 6 * block                              # what earlier blocks leave behind, measured
+    fragments = 60 * block * 2 // 100                   # 60 % of a block left behind by each of 2, measured
     own = (outside + block + block + state + calibration_states + evaluation + arguments + latency + token_ids
            + fragments + stage)
     assert {term.name: term.bytes for term in result.phases["block"]} == {
@@ -208,7 +208,7 @@ def test_a_small_llama_gptq_job_block_by_block_by_hand():
         "stage": stage,
         "allocator_slack": own * 15 // 100}
     block_phase = 1_000_000 + own + own * 15 // 100
-    assert block_phase == 5_522_131
+    assert block_phase == 4_832_527
     # The datasets read first, in a phase of their own: the calibration's 1 000 bytes (nine
     # bytes each in memory), its tokens (16 bytes each) and the tokenizer's work on a piece of
     # 64 Ki characters; for so small a model that is the peak.
