@@ -55,7 +55,9 @@ def redis(tmp_path):
 
 
 def _long_job(client, tmp_path) -> dict:
-    """A job that spends several seconds evaluating a long text: time to hurt it mid-way."""
+    """A job that spends several seconds in its stage, evaluating a long text: time to hurt it
+    mid-way. (It runs block by block: the evaluation's windows go through each block in the
+    same pass as the pruning, so the ``prune.magnitude`` phase is the long one.)"""
     model = upload_model(client, make_checkpoint(tmp_path / "m"))
     dataset = upload_dataset(client, text=CORPUS * 6, filename="long.txt")
     response = client.post("/v1/jobs", json={
@@ -80,7 +82,7 @@ def test_sigkilled_worker_job_finishes_exactly_once_on_another(tmp_path, redis):
     with ServiceStack.postgres_redis(tmp_path / "s", broker_url=redis.url, **FAST_RECOVERY) as stack:
         client = stack.client
         job = _long_job(client, tmp_path)
-        _wait_stage(client, job["id"], "evaluate.before")
+        _wait_stage(client, job["id"], "prune.magnitude")
         stack.kill("worker")
         stack.start_worker("worker-2")
         done = wait_for(client, job["id"], timeout=420)
@@ -106,7 +108,7 @@ def test_a_job_whose_worker_keeps_dying_fails_with_the_reason(tmp_path, redis):
                                      **FAST_RECOVERY) as stack:
         client = stack.client
         job = _long_job(client, tmp_path)
-        _wait_stage(client, job["id"], "evaluate.before")
+        _wait_stage(client, job["id"], "prune.magnitude")
         stack.kill("worker")
         done = wait_for(client, job["id"], timeout=60)
         assert done["status"] == "failed" and done["error"]["type"] == "worker_lost"
@@ -117,7 +119,7 @@ def test_broker_restarted_mid_job(tmp_path, redis):
     with ServiceStack.postgres_redis(tmp_path / "s", broker_url=redis.url, **FAST_RECOVERY) as stack:
         client = stack.client
         job = _long_job(client, tmp_path)
-        _wait_stage(client, job["id"], "evaluate.before")
+        _wait_stage(client, job["id"], "prune.magnitude")
         redis.stop()
         time.sleep(1)
         redis.start()
@@ -165,7 +167,7 @@ def test_a_worker_frozen_past_its_lease_keeps_its_job(tmp_path, kind):
     with make(tmp_path / "s", **FAST_RECOVERY) as stack:
         client = stack.client
         job = _long_job(client, tmp_path)
-        _wait_stage(client, job["id"], "evaluate.before")
+        _wait_stage(client, job["id"], "prune.magnitude")
         frozen = stack.job_process()
         os.kill(frozen, signal.SIGSTOP)
         try:
@@ -195,7 +197,7 @@ def test_postgres_restarted_mid_job(tmp_path, redis):
                                      reconcile_interval_s="1") as stack:
         client = stack.client
         job = _long_job(client, tmp_path)
-        _wait_stage(client, job["id"], "evaluate.before")
+        _wait_stage(client, job["id"], "prune.magnitude")
         _restart_postgres()
         done = wait_for(client, job["id"], timeout=420)
         assert done["status"] == "succeeded", stack.logs()

@@ -65,7 +65,7 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> 
             length += len(text) + len(DOCUMENT_SEPARATOR)
         ids = _encode(tokenizer, DOCUMENT_SEPARATOR.join(prefix))
         if ids.numel() >= max_tokens or len(prefix) == len(texts):
-            return ids[:max_tokens]
+            return ids[:max_tokens].clone()  # a slice would keep the whole prefix alive
         characters *= 2
 
 
