@@ -95,7 +95,7 @@ def _read_config(model: Model) -> dict:
 
 # The spec field a client changes to shrink each term of the estimate.
 _TERM_PARAMS = {"stage": "stages", "student_weights": "stages", "text": "stages",
-                "evaluation": "evaluation", "evaluation_tokens": "evaluation"}
+                "calibration": "calibration", "evaluation": "evaluation", "evaluation_tokens": "evaluation"}
 
 
 def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> None:
@@ -110,7 +110,7 @@ def _check_fits(estimate: JobEstimate, settings: Settings, spec: JobSpec) -> Non
         param = _TERM_PARAMS.get(term, "model_id")
         if term == "stage":
             param = f"stages.{estimate.largest_stage}"
-        elif param == "evaluation" and spec.evaluation is None:
+        elif (param == "evaluation" and spec.evaluation is None) or (param == "calibration" and spec.calibration is None):
             param = "model_id"
         raise APIError(
             f"this job needs an estimated {gib(needed)} of {where} memory at its peak, more than the "

@@ -87,3 +87,16 @@ def test_a_model_without_a_readable_config_is_estimated_from_its_parameters(db):
     model = db.model(tenant)  # a row without files
     job = create_job(db.session, tenant, _magnitude(model.id))
     assert job.estimate["assumptions"]["config_read"] is False and job.estimate["host_bytes"] > 0
+
+
+def test_a_job_whose_calibration_dominates_names_the_calibration(world, monkeypatch):
+    """Block by block, the calibration batches at one block boundary can be the largest part:
+    the 422 points the client at the calibration section."""
+    db, tenant, model, dataset = world
+    spec = JobSpec.model_validate({"model_id": model.id, "stages": [{"type": "quantize", "method": "gptq"}],
+                                   "calibration": {"dataset_id": dataset.id, "samples": 4096, "seq_len": 8192}})
+    _declare(monkeypatch, worker_memory_bytes=2 * 2**30, max_job_tokens=10**9)
+    with pytest.raises(APIError) as refused:
+        create_job(db.session, tenant, spec)
+    assert refused.value.status_code == 422 and refused.value.param == "calibration", refused.value.message
+    assert "largest part is calibration" in refused.value.message
