@@ -20,6 +20,7 @@ exceeds one during a job.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from types import TracebackType
 
@@ -79,6 +80,7 @@ class OnloadedModel:
         """Drop block ``index``'s weights (back to ``meta``); what it computed stays computed."""
         self.blocks[index].to("meta")
         self.onloaded.discard(index)
+        _return_freed_memory()
 
     def _load(self, module: nn.Module, prefix: str) -> None:
         stored = self.source.expected
@@ -121,6 +123,27 @@ class OnloadedModel:
                     tensor._is_hf_initialized = False
             with torch.no_grad():
                 self.model._init_weights(module)
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system. A block's tensors are freed when it is
+    offloaded, but glibc keeps freed heap memory for reuse, and the block's fragments (smaller
+    than the mmap threshold, which glibc raises as large blocks are freed) would otherwise
+    add to the process's resident memory block after block."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _assign(model: nn.Module, names: list[str], value: torch.Tensor) -> None:
