@@ -76,8 +76,8 @@ def create_app() -> FastAPI:
         app.include_router(router, prefix=settings.api_prefix)
     app.include_router(health.router)
     app.include_router(web.router)  # the browser client at /ui/ (not in the OpenAPI schema)
-    document_rate_limits(app)
     document_idempotency(app)  # the 403/409 a replay may answer, on every POST
+    document_rate_limits(app)
     return app
 
 
