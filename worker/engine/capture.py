@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from worker.engine.modules import WeightLayer, compressible_layers, decoder_blocks
-from worker.engine.registry import EngineContext
+from worker.engine.registry import EngineContext, register, register_step
 
 
 class InputStatistic(Protocol):
@@ -207,3 +207,26 @@ def block_statistics(
         if layer.name not in statistics:
             statistics[layer.name] = statistic(layer)
     return statistics
+
+
+def layer_method(config_type: type) -> Callable[[type], type]:
+    """Class decorator for a data-aware method's ``LayerStep``: registers it as the method's step
+    for the block-by-block engine and, run over the whole model by ``compress_block_by_block``,
+    as its stage handler::
+
+        @layer_method(PruneWanda)
+        class WandaStep: ...   # needs_calibration, statistic(layer), compress(layer, s), metrics()
+    """
+
+    def decorate(step_class: type) -> type:
+        register_step(config_type)(step_class)
+
+        @register(config_type)
+        def handler(model: nn.Module, config: Any, ctx: EngineContext) -> dict[str, Any]:
+            step = step_class(config, ctx)
+            compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
+            return step.metrics()
+
+        return step_class
+
+    return decorate

@@ -19,16 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from app.specs import PruneSparseGPT
-from worker.engine.capture import compress_block_by_block
+from worker.engine.capture import layer_method
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
 from worker.engine.prune.masking import SparsityCount, apply_keep_mask
 from worker.engine.prune.nm import nm_mask
 from worker.engine.prune.wanda import drop_lowest
-from worker.engine.registry import EngineContext, register, register_step
+from worker.engine.registry import EngineContext
 
 
 def sparsegpt_prune(
@@ -89,12 +88,15 @@ def sparsegpt_prune(
 QUANTIZED_FIRST = "sparsegpt changes the weights it keeps: put it before quantization"
 
 
+@layer_method(PruneSparseGPT)
 class SparseGPTStep:
     """SparseGPT on one layer at a time (``registry.LayerStep``)."""
 
     needs_calibration = True
 
     def __init__(self, config: PruneSparseGPT, ctx: EngineContext):
+        if ctx.quantized:  # a whole model an earlier stage quantized: fail before calibrating
+            raise ValueError(QUANTIZED_FIRST)
         self.config, self.ctx, self.count = config, ctx, SparsityCount()
 
     def statistic(self, layer: WeightLayer) -> InputHessian:
@@ -116,15 +118,3 @@ class SparseGPTStep:
 
     def metrics(self) -> dict[str, Any]:
         return self.count.metrics()
-
-
-register_step(PruneSparseGPT)(SparseGPTStep)
-
-
-@register(PruneSparseGPT)
-def prune_sparsegpt(model: nn.Module, config: PruneSparseGPT, ctx: EngineContext) -> dict[str, Any]:
-    if ctx.quantized:
-        raise ValueError(QUANTIZED_FIRST)
-    step = SparseGPTStep(config, ctx)
-    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
-    return step.metrics()

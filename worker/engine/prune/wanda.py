@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from app.specs import PruneWanda
-from worker.engine.capture import compress_block_by_block
+from worker.engine.capture import layer_method
 from worker.engine.modules import WeightLayer
 from worker.engine.prune.masking import SparsityCount, apply_keep_mask
-from worker.engine.registry import EngineContext, register, register_step
+from worker.engine.registry import EngineContext
 from worker.engine.prune.nm import nm_mask
 
 
@@ -78,6 +77,7 @@ def drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return keep
 
 
+@layer_method(PruneWanda)
 class WandaStep:
     """Wanda on one layer at a time (``registry.LayerStep``)."""
 
@@ -97,13 +97,3 @@ class WandaStep:
 
     def metrics(self) -> dict[str, Any]:
         return self.count.metrics()
-
-
-register_step(PruneWanda)(WandaStep)
-
-
-@register(PruneWanda)
-def prune_wanda(model: nn.Module, config: PruneWanda, ctx: EngineContext) -> dict[str, Any]:
-    step = WandaStep(config, ctx)
-    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
-    return step.metrics()

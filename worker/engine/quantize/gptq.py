@@ -22,14 +22,13 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from app.specs import QuantizeGPTQ
-from worker.engine.capture import compress_block_by_block
+from worker.engine.capture import layer_method
 from worker.engine.hessian import ColumnRule, InputHessian, sweep_columns
 from worker.engine.modules import WeightLayer
 from worker.engine.quantize.rtn import QuantizedWeight, dequantize, quantize_rtn
-from worker.engine.registry import EngineContext, register, register_step
+from worker.engine.registry import EngineContext
 
 
 def gptq_quantize(
@@ -106,6 +105,7 @@ def gptq_quantize(
     )
 
 
+@layer_method(QuantizeGPTQ)
 class GPTQStep:
     """GPTQ on one layer at a time (``registry.LayerStep``)."""
 
@@ -140,13 +140,3 @@ class GPTQStep:
             "act_order": config.act_order,
             "max_abs_error": self.max_abs_error,
         }
-
-
-register_step(QuantizeGPTQ)(GPTQStep)
-
-
-@register(QuantizeGPTQ)
-def quantize_gptq(model: nn.Module, config: QuantizeGPTQ, ctx: EngineContext) -> dict[str, Any]:
-    step = GPTQStep(config, ctx)
-    compress_block_by_block(model, ctx, statistic=step.statistic, compress=step.compress)
-    return step.metrics()
