@@ -99,17 +99,27 @@ def weight_stats(model: nn.Module) -> dict[str, Any]:
     """``parameters``: unique parameters (tied embeddings counted once); ``nonzero_parameters``:
     those not exactly zero; ``sparsity``: the zero fraction of the compressible layers'
     weights (the ones pruning acts on)."""
-    parameters = list(model.parameters())  # parameters() yields a tied tensor once
-    total = sum(p.numel() for p in parameters)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in parameters)
-    layers = compressible_layers(model)
-    weights = sum(layer.weight().numel() for layer in layers)
-    zeros = sum(int((layer.weight() == 0).sum()) for layer in layers)
-    return {
-        "parameters": total,
-        "nonzero_parameters": nonzero,
-        "sparsity": zeros / weights if weights else 0.0,
-    }
+    count = WeightCount()
+    count.add(list(model.parameters()), compressible_layers(model))  # parameters(): a tied tensor once
+    return count.stats()
+
+
+class WeightCount:
+    """``weight_stats`` of a model seen in parts (the block-by-block engine adds a block at a
+    time, and the parts outside the blocks once)."""
+
+    def __init__(self) -> None:
+        self.parameters = self.nonzero = self.weights = self.zeros = 0
+
+    def add(self, parameters: list[torch.Tensor], layers: list) -> None:
+        self.parameters += sum(p.numel() for p in parameters)
+        self.nonzero += sum(int(torch.count_nonzero(p)) for p in parameters)
+        self.weights += sum(layer.weight().numel() for layer in layers)
+        self.zeros += sum(int((layer.weight() == 0).sum()) for layer in layers)
+
+    def stats(self) -> dict[str, Any]:
+        return {"parameters": self.parameters, "nonzero_parameters": self.nonzero,
+                "sparsity": self.zeros / self.weights if self.weights else 0.0}
 
 
 # Tensors a compressed-tensors checkpoint stores beside a weight; they describe it, they are not
@@ -179,17 +189,23 @@ def latency_ms_per_token(
     model.eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (1, seq_len), generator=generator).to(device)
+    return 1000 * median_seconds(lambda: model(ids), repeats, torch.device(device)) / seq_len
+
+
+def median_seconds(run, repeats: int, device: torch.device) -> float:
+    """The median seconds of ``repeats`` calls of ``run`` after one warm-up call (allocator,
+    kernels, caches), the device synchronised around each."""
 
     def synchronize() -> None:
-        if torch.device(device).type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    model(ids)  # warm-up: allocator, kernels, caches
+    run()
     synchronize()
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
-        model(ids)
+        run()
         synchronize()
         timings.append(time.perf_counter() - started)
-    return 1000 * statistics.median(timings) / seq_len
+    return statistics.median(timings)

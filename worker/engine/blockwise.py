@@ -34,7 +34,6 @@ gives them (tests check it)::
 
 from __future__ import annotations
 
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
-from app.specs import JobSpec, stage_name
+from app.specs import JobSpec, PruneMagnitude, stage_name
 from worker import evaluate
 from worker.engine import export
 from worker.engine.gpt_bigcode import BigCodeTwin
@@ -102,10 +101,9 @@ def blockwise_refusal(source_dir: Path, spec: JobSpec) -> str | None:
 def _step(stage: Any, ctx: EngineContext) -> LayerStep | None:
     step = layer_step(stage, ctx)
     if step is None and isinstance(stage, DATA_FREE):
-        try:
-            return _DataFree(data_free_step(stage, 0, {}), ctx)
-        except KeyError:  # a global magnitude threshold: every weight first
-            return None
+        if isinstance(stage, PruneMagnitude) and stage.scope == "global":
+            return None  # its threshold needs every weight first
+        return _DataFree(data_free_step(stage, 0, {}), ctx)
     return step
 
 
@@ -178,7 +176,7 @@ def compress_blockwise(
             generator = torch.Generator().manual_seed(0)  # evaluate.latency_ms_per_token's tokens
             latency_ids = torch.randint(0, model.config.vocab_size, (1, measure.latency_len), generator=generator)
             latency_inputs = first_block_inputs(model, [latency_ids], device)
-        before, after = _WeightCount(), _WeightCount()
+        before, after = evaluate.WeightCount(), evaluate.WeightCount()
         outside = _outside_parameters(onloaded)
         before.add(outside, []), after.add(outside, [])
         block_seconds = {"before": 0.0, "after": 0.0}
@@ -204,7 +202,7 @@ def compress_blockwise(
                 before.add(list(block.parameters()), layers)
                 timed = latency_ids is not None and _timed(index, len(blocks))
                 if timed:
-                    block_seconds["before"] += _time(lambda: list(latency_inputs.outputs(block)), measure.repeats, device)
+                    block_seconds["before"] += evaluate.median_seconds(lambda: list(latency_inputs.outputs(block)), measure.repeats, device)
                 if before_windows is not None:
                     before_windows.advance(block)
                 for position, step in enumerate(steps):
@@ -219,7 +217,7 @@ def compress_blockwise(
                 _write_block(writer, block, f"{onloaded.prefix}.{index}", layers, ctx, scheme, twin)
                 after.add(list(block.parameters()), layers)
                 if timed:
-                    block_seconds["after"] += _time(lambda: list(latency_inputs.outputs(block)), measure.repeats, device)
+                    block_seconds["after"] += evaluate.median_seconds(lambda: list(latency_inputs.outputs(block)), measure.repeats, device)
                 if after_windows is not None:
                     after_windows.advance(block)
                 if calibration is not None and index + 1 < len(blocks):
@@ -241,7 +239,7 @@ def compress_blockwise(
             before=before.stats(), after=after.stats(), peak_blocks=onloaded.peak_onloaded)
         if latency_ids is not None:
             with _replayed(onloaded, [latency_inputs.hidden_states[0]]) as replay:
-                outside_seconds = _time(lambda: replay(0, latency_ids.to(device)), measure.repeats, device)
+                outside_seconds = evaluate.median_seconds(lambda: replay(0, latency_ids.to(device)), measure.repeats, device)
             timed_blocks = min(TIMED_BLOCKS, len(blocks))
             for side, figures in (("before", result.before), ("after", result.after)):
                 every_block = block_seconds[side] * len(blocks) / timed_blocks
@@ -293,45 +291,10 @@ def _write_block(writer: ShardWriter, block: nn.Module, prefix: str, layers: lis
             writer.add(key, value)
 
 
-class _WeightCount:
-    """``evaluate.weight_stats`` of a model seen a block at a time."""
-
-    def __init__(self) -> None:
-        self.parameters = self.nonzero = self.weights = self.zeros = 0
-
-    def add(self, parameters: list[torch.Tensor], layers: list[WeightLayer]) -> None:
-        self.parameters += sum(p.numel() for p in parameters)
-        self.nonzero += sum(int(torch.count_nonzero(p)) for p in parameters)
-        self.weights += sum(layer.weight().numel() for layer in layers)
-        self.zeros += sum(int((layer.weight() == 0).sum()) for layer in layers)
-
-    def stats(self) -> dict[str, Any]:
-        return {"parameters": self.parameters, "nonzero_parameters": self.nonzero,
-                "sparsity": self.zeros / self.weights if self.weights else 0.0}
-
-
 def _outside_parameters(onloaded: OnloadedModel) -> list[torch.Tensor]:
     """The parameters outside the blocks, a tied one once (as ``model.parameters()`` gives it)."""
     inside = {id(p) for p in onloaded.blocks.parameters()}
     return [p for p in onloaded.model.parameters() if id(p) not in inside]
-
-
-def _time(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """The median seconds of ``repeats`` runs after a warm-up run (``latency_ms_per_token``'s)."""
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    run()
-    synchronize()
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        synchronize()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 class _Replay(nn.Module):

@@ -114,14 +114,7 @@ _STEPS: dict[type, StepFactory] = {}
 def register_step(config_type: type[BaseModel]) -> Callable[[StepFactory], StepFactory]:
     """Make ``factory(config, ctx)`` the layer step of stages configured by ``config_type``
     (None from it: this configuration needs the whole model, e.g. a global threshold)."""
-
-    def decorate(factory: StepFactory) -> StepFactory:
-        if config_type in _STEPS:
-            raise ValueError(f"{config_type.__name__} already has a layer step")
-        _STEPS[config_type] = factory
-        return factory
-
-    return decorate
+    return _registrar(_STEPS, config_type, "a layer step")
 
 
 def layer_step(config: BaseModel, ctx: EngineContext) -> LayerStep | None:
@@ -142,11 +135,17 @@ def register(config_type: type[BaseModel]) -> Callable[[Handler], Handler]:
         def prune_magnitude(model, config, ctx) -> dict: ...
     """
 
-    def decorate(handler: Handler) -> Handler:
-        if config_type in _HANDLERS:
-            raise ValueError(f"{config_type.__name__} already has a handler")
-        _HANDLERS[config_type] = handler
-        return handler
+    return _registrar(_HANDLERS, config_type, "a handler")
+
+
+def _registrar(table: dict[type, Any], config_type: type, what: str) -> Callable[[Any], Any]:
+    """A decorator putting its function in ``table`` under ``config_type``, once."""
+
+    def decorate(function: Any) -> Any:
+        if config_type in table:
+            raise ValueError(f"{config_type.__name__} already has {what}")
+        table[config_type] = function
+        return function
 
     return decorate
 

@@ -47,7 +47,7 @@ from worker.engine import export
 from worker.engine.loading import checkpoint_dtype
 from worker.engine.modules import WeightLayer, compressible_layers
 from worker.engine.prune import magnitude, random
-from worker.engine.prune.masking import apply_keep_mask, sparsity_metrics
+from worker.engine.prune.masking import SparsityCount, apply_keep_mask, sparsity_metrics
 from worker.engine.quantize import dynamic
 from worker.engine.quantize.rtn import QuantizedWeight, quantize_layer, rtn_metrics
 from worker.engine.registry import EngineContext
@@ -295,17 +295,14 @@ class _Prune:
     """A pruning stage: the method's keep-mask for each layer, combined with the earlier ones."""
 
     def __init__(self, keep_mask: Callable[[torch.Tensor], torch.Tensor]):
-        self.keep_mask = keep_mask
-        self.pruned = self.total = 0
+        self.keep_mask, self.count = keep_mask, SparsityCount()
 
     def apply(self, layer: WeightLayer, ctx: EngineContext) -> None:
         apply_keep_mask(layer, self.keep_mask(layer.weight()), ctx)
-        keep = ctx.masks[layer.name]
-        self.pruned += keep.numel() - int(keep.sum())
-        self.total += keep.numel()
+        self.count.add(ctx.masks[layer.name])
 
     def metrics(self, layers: int) -> dict[str, Any]:
-        return sparsity_metrics(layers, self.pruned, self.total)
+        return sparsity_metrics(layers, self.count.pruned, self.count.total)
 
 
 class _Quantize:
